@@ -1,0 +1,131 @@
+"""How good a sparse coder is: reconstruction, sparsity, and the cost of splicing it into the model.
+
+Definitions (all measured on held-out text):
+- FVU, fraction of variance unexplained: sum_t ||y_t - y_hat_t||^2 / sum_t ||y_t - mean(y)||^2, where
+  y is the coder's target (the hooked activation for an SAE) over all evaluated tokens.
+- L0: mean number of active latents per token.
+- dead fraction: latents that never fired on the evaluated tokens; dense fraction: latents that
+  fired on more than `DENSE_DENSITY` of them.
+- spliced loss: mean next-token cross-entropy when the target hook's activation is replaced by the
+  coder's reconstruction at every position but BOS; clean loss: the model untouched; zero-ablated
+  loss: the same positions set to zero.
+- loss recovered: (zero - spliced) / (zero - clean); 1 means the coder loses nothing.
+- KL: mean over predicted positions of KL(p_clean || p_spliced) of the next-token distributions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from interp.activations import Activations
+from interp.data import TokenBatch
+from interp.sae.base import SparseCoder
+
+DENSE_DENSITY = 0.1
+
+
+@torch.no_grad()
+def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -> dict:
+    """FVU, L0, dead and dense fractions of `coder` over activation batches."""
+    hook, target_hook = coder.cfg.hook, coder.cfg.target_hook or coder.cfg.hook
+    device = coder.W_dec.device
+    squared_error = torch.zeros((), dtype=torch.float64, device=device)
+    sums = sum_squares = None
+    fires = torch.zeros(coder.cfg.n_latents, dtype=torch.long, device=device)
+    active = tokens = 0
+    was_training = coder.training
+    coder.eval()
+    for batch in batches:
+        x, y = batch[hook].to(device), batch[target_hook].to(device).double()
+        code = coder.encode(x)
+        y_hat = coder.decode(code).double()
+        squared_error += (y - y_hat).pow(2).sum()
+        sums = y.sum(0) if sums is None else sums + y.sum(0)
+        sum_squares = y.pow(2).sum(0) if sum_squares is None else sum_squares + y.pow(2).sum(0)
+        on = (code.values_bk > 0) & (code.indices_bk >= 0)
+        fires += torch.bincount(code.indices_bk[on], minlength=coder.cfg.n_latents)
+        active += int(on.sum())
+        tokens += len(x)
+    coder.train(was_training)
+    if tokens == 0:
+        raise ValueError("no activations to evaluate on")
+    total_variance = (sum_squares - sums.pow(2) / tokens).sum()
+    density = fires.double() / tokens
+    return {
+        "fvu": (squared_error / total_variance).item(),
+        "l0": active / tokens,
+        "dead_frac": (fires == 0).double().mean().item(),
+        "dense_frac": (density > DENSE_DENSITY).double().mean().item(),
+        "eval_tokens": tokens,
+    }
+
+
+def _as_positions(act: torch.Tensor) -> torch.Tensor:
+    """(batch, pos, *dims) -> (batch, pos, features): heads of hook_z concatenated."""
+    return act.reshape(*act.shape[:2], -1)
+
+
+@torch.no_grad()
+def splice_metrics(model, coder: SparseCoder, batches: Iterable[TokenBatch], progress: bool = True) -> dict:
+    """Next-token loss clean, spliced and zero-ablated; loss recovered; KL(clean || spliced)."""
+    read_hook = model.hook_dict[coder.cfg.hook].name
+    write_hook = model.hook_dict[coder.cfg.target_hook or coder.cfg.hook].name
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    was_training = coder.training
+    coder.eval()
+    for batch in tqdm(list(batches), desc="splice eval", disable=not progress, leave=False):
+        tokens = batch.tokens_bt.to(model.cfg.device)
+        mask = batch.mask_bt.to(tokens.device)
+        seen: dict[str, torch.Tensor] = {}
+
+        def read(act, hook):
+            seen["input"] = _as_positions(act)[mask]
+            return act
+
+        def replace_with_reconstruction(act, hook):
+            if read_hook == write_hook:
+                seen["input"] = _as_positions(act)[mask]
+            flat = _as_positions(act).clone()
+            flat[mask] = coder.decode(coder.encode(seen["input"])).to(act.dtype)
+            return flat.reshape(act.shape)
+
+        def zero(act, hook):
+            flat = _as_positions(act).clone()
+            flat[mask] = 0
+            return flat.reshape(act.shape)
+
+        spliced_hooks = [(write_hook, replace_with_reconstruction)]
+        if read_hook != write_hook:
+            spliced_hooks.insert(0, (read_hook, read))
+        clean_logits = model(tokens).float()
+        spliced_logits = model.run_with_hooks(tokens, fwd_hooks=spliced_hooks).float()
+        zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(write_hook, zero)]).float()
+        n = tokens[:, 1:].numel()
+        totals["clean"] += _next_token_loss(clean_logits, tokens) * n
+        totals["spliced"] += _next_token_loss(spliced_logits, tokens) * n
+        totals["zero"] += _next_token_loss(zero_logits, tokens) * n
+        clean_logp = F.log_softmax(clean_logits[:, :-1], dim=-1)
+        spliced_logp = F.log_softmax(spliced_logits[:, :-1], dim=-1)
+        totals["kl"] += (clean_logp.exp() * (clean_logp - spliced_logp)).sum(-1).sum().item()
+        count += n
+    coder.train(was_training)
+    if count == 0:
+        raise ValueError("no text to evaluate the splice on")
+    clean, spliced, zero_loss = totals["clean"] / count, totals["spliced"] / count, totals["zero"] / count
+    return {
+        "loss_clean": clean,
+        "loss_spliced": spliced,
+        "loss_zero": zero_loss,
+        "loss_recovered": (zero_loss - spliced) / (zero_loss - clean) if zero_loss != clean else float("nan"),
+        "kl": totals["kl"] / count,
+        "splice_tokens": count,
+    }
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()

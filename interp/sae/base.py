@@ -1,0 +1,271 @@
+"""What every sparse coder shares: parameters, normalisation, the sparse encode/decode path,
+and the folder format.
+
+Notation (as in ../shared/ALGORITHMS.md): x is the hooked activation (d), W_enc (n x d), b_enc (n),
+W_dec (n x d here: row i is latent i's unit-norm decoder direction, so the sparse decode gathers
+contiguous rows), b_dec (d). Pre-activations z = W_enc (x - b_dec) + b_enc. A family decides which
+latents are active (`select`); values are ReLU(z) at those latents; x_hat = sum values * W_dec + b_dec.
+
+Inputs are scaled by one constant so that E ||x||^2 = d (and targets by their own constant), which
+makes learning rates transfer across models and layers; the constants are saved with the weights,
+so a loaded coder reproduces its outputs exactly, and outputs are returned in the model's units.
+
+Folder format: `cfg.json` ({"format_version", "arch", "config", "meta"}) and `weights.safetensors`.
+Loading never unpickles, and rejects a folder whose files are missing, malformed, or disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import abstractmethod
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from interp import kernels
+from interp.atomic import write_json, write_tensors
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CoderConfig:
+    d_in: int
+    """Width of the hooked activation."""
+    n_latents: int
+    """Number of dictionary latents."""
+    hook: str = ""
+    """TransformerLens hook the coder reads."""
+    target_hook: str | None = None
+    """Hook the coder reconstructs, when it differs from `hook` (transcoders)."""
+    d_out: int | None = None
+    """Width of the target activation (defaults to d_in)."""
+    model: str = ""
+    """Name of the model the coder was trained on, as given to interp.load_model."""
+
+    def __post_init__(self):
+        if self.d_in <= 0 or self.n_latents <= 0:
+            raise ValueError(f"d_in and n_latents must be positive, got {self.d_in} and {self.n_latents}")
+        if self.d_out is None:
+            self.d_out = self.d_in
+
+
+class SparseCode(NamedTuple):
+    indices_bk: torch.Tensor
+    """Active latent ids per token (int64); -1 marks an unused slot."""
+    values_bk: torch.Tensor
+    """Their activations (0 in unused slots)."""
+
+
+class CoderOutput(NamedTuple):
+    x_hat: torch.Tensor
+    """Reconstruction, in the target's units."""
+    code: SparseCode
+    fvu: torch.Tensor
+    """Fraction of variance unexplained of this batch (the reconstruction loss)."""
+    aux_loss: torch.Tensor
+    """The family's auxiliary loss (already weighted); 0 when it has none."""
+
+
+class SparseCoder(nn.Module):
+    arch: ClassVar[str]
+    config_class: ClassVar[type[CoderConfig]] = CoderConfig
+
+    def __init__(self, cfg: CoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, d, d_out = cfg.n_latents, cfg.d_in, cfg.d_out
+        W_dec = torch.randn(n, d_out)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        # Gao et al.: the encoder starts as the decoder's transpose (same (n, d) layout here).
+        self.W_enc = nn.Parameter(W_dec.clone() if d == d_out else torch.randn(n, d) / math.sqrt(d))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.register_buffer("in_scale", torch.ones(()))
+        self.register_buffer("out_scale", torch.ones(()))
+        self.meta: dict = {}
+        """Free-form facts saved in cfg.json (training settings, evaluation)."""
+
+    # --- encode / decode -------------------------------------------------------------------
+
+    def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.W_enc.dtype) * self.in_scale
+
+    def preacts(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """Dense pre-activations z (tokens, n): the one dense product, computed without autograd;
+        gradients reach the weights through `kernels.encode_selected` at the active latents only."""
+        with torch.no_grad():
+            return torch.addmm(self.b_enc, self.encoder_input(x_norm), self.W_enc.t())
+
+    def encoder_input(self, x_norm: torch.Tensor) -> torch.Tensor:
+        # An SAE subtracts its decoder bias before encoding; a transcoder's input and output
+        # live in different spaces, so it does not.
+        return x_norm - self.b_dec if self.cfg.target_hook is None else x_norm
+
+    def active_values(self, x_norm: torch.Tensor, indices_bk: torch.Tensor, pre_bn: torch.Tensor) -> torch.Tensor:
+        """ReLU(z) at the selected latents, differentiable through the sparse encoder backward."""
+        safe = indices_bk.clamp(min=0)
+        pre_bk = pre_bn.gather(1, safe)
+        pre_bk = kernels.encode_selected(self.encoder_input(x_norm), self.W_enc, self.b_enc, indices_bk, pre_bk=pre_bk)
+        return torch.relu(pre_bk).masked_fill(indices_bk < 0, 0.0)
+
+    @abstractmethod
+    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
+        """Indices (tokens, k) of the active latents, -1 for unused slots; never differentiated."""
+
+    def encode(self, x: torch.Tensor, **context) -> SparseCode:
+        x_norm = self.normalized_input(x)
+        pre_bn = self.preacts(x_norm)
+        indices_bk = self.select(pre_bn, **context)
+        return SparseCode(indices_bk, self.active_values(x_norm, indices_bk, pre_bn))
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        """Reconstruction in the target's units."""
+        return kernels.decode(code.indices_bk, code.values_bk, self.W_dec, self.b_dec) / self.out_scale
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, **context) -> CoderOutput:
+        """Encode `x`, reconstruct `target` (x itself for an SAE); losses in normalised units.
+        `context` carries what a family may use in training (e.g. `dead_mask`, `grad`)."""
+        x_norm = self.normalized_input(x)
+        target_norm = x_norm if target is None else target.to(self.W_dec.dtype) * self.out_scale
+        pre_bn = self.preacts(x_norm)
+        indices_bk = self.select(pre_bn, **context)
+        values_bk = self.active_values(x_norm, indices_bk, pre_bn)
+        x_hat_norm = kernels.decode(indices_bk, values_bk, self.W_dec, self.b_dec)
+        fvu = fraction_unexplained(target_norm, x_hat_norm)
+        aux = self.aux_loss(x_norm, pre_bn, target_norm - x_hat_norm.detach(), **context)
+        return CoderOutput(x_hat_norm / self.out_scale, SparseCode(indices_bk, values_bk), fvu, aux)
+
+    def aux_loss(self, x_norm, pre_bn, residual, **context) -> torch.Tensor:
+        return torch.zeros((), device=x_norm.device)
+
+    # --- training support ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fit_normalization(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Set the scales so that E ||x||^2 = d_in (and likewise for the target)."""
+        self.in_scale.fill_(math.sqrt(self.cfg.d_in) / x.float().norm(dim=1).pow(2).mean().sqrt().item())
+        if target is None:
+            self.out_scale.copy_(self.in_scale)
+        else:
+            self.out_scale.fill_(
+                math.sqrt(self.cfg.d_out) / target.float().norm(dim=1).pow(2).mean().sqrt().item()
+            )
+
+    @torch.no_grad()
+    def init_decoder_bias(self, target: torch.Tensor, method: str = "geometric_median") -> None:
+        """b_dec from the data: its geometric median (Gao et al.) or its mean, normalised units."""
+        points = target.float() * self.out_scale
+        if method == "mean":
+            self.b_dec.copy_(points.mean(0))
+        elif method == "geometric_median":
+            self.b_dec.copy_(geometric_median(points))
+        else:
+            raise ValueError(f"unknown decoder bias init {method!r}; use 'geometric_median' or 'mean'")
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the gradient component along each unit decoder row: with the rows renormalised
+        after every step, that component would only change their norm and be undone."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    # --- folder format ---------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        write_tensors(folder / "weights.safetensors", self.state_dict())
+        write_json(
+            folder / "cfg.json",
+            {"format_version": FORMAT_VERSION, "arch": self.arch, "config": asdict(self.cfg), "meta": self.meta},
+        )
+        return folder
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str = "cpu") -> SparseCoder:
+        folder = Path(folder)
+        cfg_data = read_cfg(folder)
+        config = build_config(cls.config_class, cfg_data["config"], folder)
+        coder = cls(config)
+        coder.meta = cfg_data.get("meta", {})
+        coder.load_state_dict(read_weights(folder, coder.state_dict()))
+        return coder.to(device)
+
+
+def build_config(config_class: type[CoderConfig], values: dict, folder: Path) -> CoderConfig:
+    known = {f.name for f in fields(config_class)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{folder / 'cfg.json'}: unknown config fields {sorted(unknown)} for {config_class.__name__}")
+    try:
+        return config_class(**values)
+    except TypeError as err:
+        raise ValueError(f"{folder / 'cfg.json'}: bad config: {err}") from err
+
+
+def read_cfg(folder: Path) -> dict:
+    path = folder / "cfg.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; a saved coder is a folder holding cfg.json and weights.safetensors")
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} holds no cfg.json: it is not a saved sparse coder")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or "arch" not in data or "config" not in data:
+        raise ValueError(f"{path} lacks 'arch' or 'config': not a cfg.json written by interp")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version!r}; this interp reads version {FORMAT_VERSION}")
+    return data
+
+
+def read_weights(folder: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    path = folder / "weights.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} holds no weights.safetensors")
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is corrupt or not a safetensors file: {err}") from err
+    missing, extra = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or extra:
+        raise ValueError(f"{path} does not match cfg.json: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for name, tensor in expected.items():
+        if weights[name].shape != tensor.shape:
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(weights[name].shape)}, cfg.json implies {tuple(tensor.shape)}"
+            )
+    return weights
+
+
+def fraction_unexplained(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """FVU = sum ||target - x_hat||^2 / sum ||target - mean(target)||^2 over the batch."""
+    total = (target - target.mean(0)).pow(2).sum()
+    return (target - x_hat).pow(2).sum() / total.clamp_min(1e-12)
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to `points`."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() < tol * median.norm().clamp_min(1e-8):
+            return new
+        median = new
+    return median

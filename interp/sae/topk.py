@@ -1,0 +1,58 @@
+"""TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+    z     = W_enc (x - b_dec) + b_enc
+    f     = ReLU(TopK_k(z))                      the k largest pre-activations per token
+    x_hat = W_dec f + b_dec
+    L     = ||x - x_hat||^2 / ||x - mean x||^2  +  aux_coef * L_aux
+
+AuxK: dead latents (no activation in the trainer's window, passed as `dead_mask`) are given a
+chance to explain what the live ones miss: with e = x - x_hat, take the top-k_aux pre-activations
+among dead latents only, decode them without bias into e_hat and add
+L_aux = ||e - e_hat||^2 / ||e - mean e||^2. Gao et al. use k_aux = d/2 and aux_coef = 1/32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from interp import kernels
+from interp.sae.base import CoderConfig, SparseCoder, fraction_unexplained
+
+
+@dataclass
+class TopKConfig(CoderConfig):
+    k: int = 32
+    """Active latents per token."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss (default d_in // 2)."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"k must be between 1 and the number of latents ({self.n_latents}), got {self.k}")
+
+
+class TopKSAE(SparseCoder):
+    arch = "topk"
+    config_class = TopKConfig
+
+    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
+        return pre_bn.topk(self.cfg.k, dim=1, sorted=False).indices
+
+    def aux_loss(self, x_norm, pre_bn, residual, dead_mask=None, **context) -> torch.Tensor:
+        zero = torch.zeros((), device=x_norm.device)
+        if dead_mask is None or not self.training:
+            return zero
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return zero
+        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, n_dead)
+        dead_pre = pre_bn.masked_fill(~dead_mask, float("-inf"))
+        indices_bk = dead_pre.topk(k_aux, dim=1, sorted=False).indices
+        values_bk = self.active_values(x_norm, indices_bk, pre_bn)
+        residual_hat = kernels.decode(indices_bk, values_bk, self.W_dec)
+        return self.cfg.aux_coef * fraction_unexplained(residual, residual_hat)

@@ -1,0 +1,258 @@
+"""Train any registered sparse coder from any activation source.
+
+Adam with linear warm-up and a linear decay to zero over the last part of training, gradient
+clipping, unit-norm decoder rows (their parallel gradient removed before each step, the norm
+restored after), decoder bias and input scale initialised from the first batch, dead latents
+tracked by tokens since each last fired (fed to the family's auxiliary loss), periodic evaluation,
+a JSON-lines metrics log, and atomic checkpoints.
+
+A checkpoint holds the coder, the optimiser state, the dead-latent counters and the activation
+buffer's position (`BufferState`). Resuming rebuilds the same batches from that position, so a
+killed run resumed with `resume=True` ends in the same state as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from interp.activations import BufferState, ShuffleBuffer, grad_key
+from interp.atomic import write_tensors
+from interp.sae.base import SparseCoder
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 1_000_000
+    """Training tokens (activations) to consume."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    lr: float | None = None
+    """Adam learning rate; default 2e-4 * sqrt(16384 / latents), scaled down with width as Gao et al. do."""
+    warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up."""
+    decay_start: float = 0.8
+    """Fraction of training after which the learning rate decays linearly to zero."""
+    grad_clip: float = 1.0
+    """Maximum global gradient norm."""
+    dead_tokens: int = 200_000
+    """A latent that has not fired for this many tokens counts as dead (Gao et al. use 10M at scale)."""
+    b_dec_init: str = "geometric_median"
+    """Decoder bias initialisation from the first batch: 'geometric_median' or 'mean'."""
+    eval_every: int = 100
+    """Steps between held-out evaluations (0: never)."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints."""
+    log_every: int = 10
+    """Steps between lines of the metrics log."""
+    seed: int = 0
+    """Seed for the coder's initialisation and the data order."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project."""
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def learning_rate(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 * math.sqrt(16384 / n_latents)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    last: dict
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay_from = int(cfg.decay_start * cfg.steps)
+    decay = 1.0 if step < decay_from else max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_from))
+    return warm * decay
+
+
+class Trainer:
+    def __init__(
+        self,
+        coder: SparseCoder,
+        buffer: ShuffleBuffer,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        evaluate: Callable[[SparseCoder], dict] | None = None,
+    ):
+        self.coder = coder
+        self.buffer = buffer
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.evaluate = evaluate
+        self.optimizer = torch.optim.Adam(coder.parameters(), lr=cfg.learning_rate(coder.cfg.n_latents), betas=(0.9, 0.999))
+        device = coder.W_dec.device
+        self.tokens_since_fired = torch.zeros(coder.cfg.n_latents, dtype=torch.long, device=device)
+        self.step = 0
+        self.buffer_state = BufferState()
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        tensors = {f"coder.{k}": v for k, v in self.coder.state_dict().items()}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"optim.{index}.{name}": value for name, value in state.items()})
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        meta = {"step": self.step, "buffer": asdict(self.buffer_state), "train": asdict(self.cfg)}
+        write_tensors(self.run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
+        self.coder.save(self.run_dir)
+
+    def load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"cannot resume: {path} does not exist (no checkpoint was written)")
+        try:
+            tensors = load_file(path)
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                meta = json.loads(json.loads(f.read(header_len))["__metadata__"]["state"])
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            raise ValueError(f"cannot resume: checkpoint {path} is corrupt ({err}); delete it to start over") from err
+        saved_cfg = {k: v for k, v in meta["train"].items() if k != "wandb_project"}
+        current = {k: v for k, v in asdict(self.cfg).items() if k != "wandb_project"}
+        if saved_cfg != current:
+            changed = {k: (saved_cfg.get(k), v) for k, v in current.items() if saved_cfg.get(k) != v}
+            raise ValueError(f"cannot resume: training settings differ from the checkpoint's (saved, now): {changed}")
+        coder_state = {k[len("coder."):]: v for k, v in tensors.items() if k.startswith("coder.")}
+        self.coder.load_state_dict(coder_state)
+        optim = self.optimizer.state_dict()
+        for index in range(len(list(self.coder.parameters()))):
+            prefix = f"optim.{index}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                optim["state"][index] = state
+        self.optimizer.load_state_dict(optim)
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        self.step = meta["step"]
+        self.buffer_state = BufferState(**meta["buffer"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint: the resumed run writes them again."""
+        path = self.run_dir / METRICS
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict:
+        coder, cfg = self.coder, self.cfg
+        x = batch[coder.cfg.hook]
+        target = batch[coder.cfg.target_hook] if coder.cfg.target_hook else None
+        context = {"dead_mask": self.tokens_since_fired > cfg.dead_tokens}
+        if getattr(coder, "needs_grad", False):
+            context["grad"] = batch[grad_key(coder.cfg.hook)]
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate(coder.cfg.n_latents) * lr_factor(self.step, cfg)
+        out = coder(x, target, **context)
+        loss = out.fvu + out.aux_loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the loss became {loss.item()} at step {self.step}; nothing after the last checkpoint "
+                f"was saved. Lower the learning rate (--lr) or check the activations for inf/nan."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        coder.remove_parallel_grads()
+        torch.nn.utils.clip_grad_norm_(coder.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        coder.normalize_decoder()
+        with torch.no_grad():
+            indices = out.code.indices_bk
+            fired = indices[(out.code.values_bk > 0) & (indices >= 0)]
+            self.tokens_since_fired += len(x)
+            self.tokens_since_fired[fired] = 0
+            l0 = (out.code.values_bk > 0).sum(1).float().mean()
+        self.step += 1
+        return {
+            "loss": loss.item(),
+            "fvu": out.fvu.item(),
+            "aux_loss": out.aux_loss.item(),
+            "l0": l0.item(),
+            "dead_frac": (self.tokens_since_fired > cfg.dead_tokens).float().mean().item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def initialize(self, batch: dict[str, torch.Tensor]) -> None:
+        """Input/target scales and decoder bias from the first batch (a fresh run only)."""
+        x = batch[self.coder.cfg.hook]
+        target = batch[self.coder.cfg.target_hook] if self.coder.cfg.target_hook else None
+        self.coder.fit_normalization(x, target)
+        self.coder.init_decoder_bias(x if target is None else target, self.cfg.b_dec_init)
+
+    def run(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+        elif (self.run_dir / CHECKPOINT).exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a training checkpoint; pass --resume to continue it "
+                f"or choose another --out"
+            )
+        logger = _wandb(cfg, self.coder) if cfg.wandb_project else None
+        batches = self.buffer.batches(self.buffer_state)
+        start_step, started = self.step, time.perf_counter()
+        last: dict = {}
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        with bar, (self.run_dir / METRICS).open("a") as log:
+            while self.step < cfg.steps:
+                batch = next(batches)
+                if self.step == 0:
+                    self.initialize(batch)
+                last = self.train_step(batch)
+                self.buffer_state = BufferState(**asdict(self.buffer.state))
+                elapsed = time.perf_counter() - started
+                last["tokens_per_s"] = (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}",
+                                dead=f"{last['dead_frac']:.3f}")
+                record = None
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    record = {"step": self.step, "tokens": self.step * cfg.batch_size, **last}
+                if self.evaluate and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    record = record or {"step": self.step, "tokens": self.step * cfg.batch_size, **last}
+                    record["eval"] = self.evaluate(self.coder)
+                if record:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    if logger:
+                        logger.log(record, step=self.step)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        seconds = time.perf_counter() - started
+        trained = (self.step - start_step) * cfg.batch_size
+        return TrainResult(self.step, self.step * cfg.batch_size, seconds, trained / max(seconds, 1e-9), last)
+
+
+def _wandb(cfg: TrainConfig, coder: SparseCoder):
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError("--wandb-project needs Weights & Biases: pip install 'interp[wandb]'") from err
+    return wandb.init(project=cfg.wandb_project, config={"train": asdict(cfg), "coder": asdict(coder.cfg)})
