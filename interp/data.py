@@ -92,7 +92,9 @@ def builtin_corpus() -> tuple[str, ...]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= 200:
                     docs.append(doc)
-    return tuple(docs)
+    # The standard library repeats some docstrings (C and Python twins); keep each once so the
+    # held-out split shares no document with the training split.
+    return tuple(dict.fromkeys(docs))
 
 
 def _local_documents(path: Path, text_field: str) -> Iterator[str]:

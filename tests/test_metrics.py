@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from interp.data import iter_texts, iter_token_batches
+from interp.metrics import reconstruction_metrics, splice_metrics
+from interp.sae import create_coder
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def perfect_sae(d):
+    """W = [I; -I] with k = d reconstructs any x exactly: each coordinate's sign picks one row."""
+    sae = create_coder("topk", d_in=d, n_latents=2 * d, k=d, hook=HOOK, model="tiny-llama")
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def token_batches(model, n=2):
+    batches = iter_token_batches(model.tokenizer, iter_texts("builtin", "test"), 32, 4)
+    return [next(batches) for _ in range(n)]
+
+
+def test_reconstruction_metrics_of_a_perfect_coder():
+    sae = perfect_sae(8)
+    x = torch.randn(500, 8)
+    metrics = reconstruction_metrics(sae, [{HOOK: x[:250]}, {HOOK: x[250:]}])
+    assert metrics["fvu"] == pytest.approx(0, abs=1e-10)
+    assert metrics["l0"] == 8 and metrics["eval_tokens"] == 500
+    assert metrics["dead_frac"] == 0 and metrics["dense_frac"] == 1
+
+
+def test_dead_latents_are_counted():
+    sae = perfect_sae(8)
+    x = torch.randn(100, 8).abs()  # only the +I half ever fires
+    assert reconstruction_metrics(sae, [{HOOK: x}])["dead_frac"] == 0.5
+
+
+def test_splicing_a_perfect_coder_costs_nothing(tiny_model):
+    metrics = splice_metrics(tiny_model, perfect_sae(tiny_model.cfg.d_model), token_batches(tiny_model), progress=False)
+    assert metrics["loss_spliced"] == pytest.approx(metrics["loss_clean"], abs=1e-4)
+    assert metrics["kl"] == pytest.approx(0, abs=1e-5)
+    assert metrics["loss_recovered"] == pytest.approx(1, abs=1e-3)
+
+
+def test_splicing_a_zero_coder_equals_zero_ablation(tiny_model):
+    sae = perfect_sae(tiny_model.cfg.d_model)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    metrics = splice_metrics(tiny_model, sae, token_batches(tiny_model), progress=False)
+    assert metrics["loss_spliced"] == pytest.approx(metrics["loss_zero"], abs=1e-5)
+    assert metrics["loss_recovered"] == pytest.approx(0, abs=1e-4)
+    assert metrics["kl"] > 0

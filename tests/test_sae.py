@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from interp.sae import TopKSAE, create_coder, load_sae
+from interp.sae.base import fraction_unexplained, geometric_median
+
+
+def make(d=16, n=64, k=4):
+    return create_coder("topk", d_in=d, n_latents=n, k=k, hook="blocks.0.hook_resid_post", model="tiny-llama")
+
+
+def test_topk_keeps_exactly_k_relu_latents():
+    sae = make()
+    x = torch.randn(32, 16) * 3 + 1
+    code = sae.encode(x)
+    assert code.indices_bk.shape == (32, 4) and code.values_bk.shape == (32, 4)
+    pre = (sae.normalized_input(x) - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    expected = pre.topk(4, dim=1).values.relu()
+    torch.testing.assert_close(code.values_bk.sort(1).values, expected.sort(1).values)
+    dense = torch.zeros(32, 64).scatter(1, code.indices_bk, code.values_bk)
+    torch.testing.assert_close(sae.decode(code), dense @ sae.W_dec + sae.b_dec)
+
+
+def test_k_larger_than_latents_is_rejected():
+    with pytest.raises(ValueError, match="k must be between 1 and the number of latents"):
+        make(n=8, k=9)
+
+
+def test_normalization_is_saved_and_outputs_reproduced(tmp_path):
+    sae = make()
+    x = torch.randn(100, 16) * 7
+    sae.fit_normalization(x)
+    sae.init_decoder_bias(x)
+    assert (sae.normalized_input(x).norm(dim=1).pow(2).mean()).item() == pytest.approx(16, rel=1e-4)
+    sae.save(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert isinstance(loaded, TopKSAE) and loaded.cfg == sae.cfg
+    assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+
+
+def test_decoder_gradient_along_rows_is_removed():
+    sae = make()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_grads()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    with torch.no_grad():
+        sae.W_dec.mul_(3)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_auxk_only_with_dead_latents():
+    sae = make()
+    x = torch.randn(32, 16)
+    none_dead = torch.zeros(64, dtype=torch.bool)
+    assert sae(x, dead_mask=none_dead).aux_loss.item() == 0
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:20] = True
+    out = sae(x, dead_mask=dead)
+    assert out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    # AuxK trains only the dead latents' encoder rows.
+    assert sae.W_enc.grad[20:].abs().sum() == 0 and sae.W_enc.grad[:20].abs().sum() > 0
+
+
+def test_geometric_median_minimises_summed_distance():
+    points = torch.cat([torch.randn(50, 3), torch.full((5, 3), 100.0)])
+    median = geometric_median(points)
+    cost = lambda p: (points - p).norm(dim=1).sum()  # noqa: E731
+    for _ in range(20):
+        assert cost(median) <= cost(median + 0.05 * torch.randn(3)) + 1e-4
+    assert median.norm() < 2  # robust to the outliers, unlike the mean
+
+
+def test_fvu_definition():
+    y = torch.randn(50, 4)
+    assert fraction_unexplained(y, y).item() == 0
+    assert fraction_unexplained(y, y.mean(0).expand_as(y)).item() == pytest.approx(1)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda f: (f / "cfg.json").write_text("{not json"), "not valid JSON"),
+        (lambda f: (f / "weights.safetensors").write_bytes(b"garbage"), "corrupt"),
+        (lambda f: (f / "weights.safetensors").unlink(), "no weights.safetensors"),
+        (lambda f: (f / "cfg.json").write_text(json.dumps({**json.loads((f / "cfg.json").read_text()), "format_version": 99})), "format_version 99"),
+        (lambda f: (f / "cfg.json").write_text(json.dumps({**json.loads((f / "cfg.json").read_text()), "arch": "nope"})), "unknown architecture"),
+    ],
+)
+def test_malformed_folders_are_rejected(tmp_path, corrupt, message):
+    make().save(tmp_path / "sae")
+    corrupt(tmp_path / "sae")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_sae(tmp_path / "sae")
+
+
+def test_mismatched_weights_are_rejected(tmp_path):
+    make(n=64).save(tmp_path / "a")
+    make(n=32).save(tmp_path / "b")
+    (tmp_path / "a" / "cfg.json").write_bytes((tmp_path / "b" / "cfg.json").read_bytes())
+    with pytest.raises(ValueError, match="shape"):
+        load_sae(tmp_path / "a")
+
+
+def test_not_a_coder_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved sparse coder"):
+        load_sae(tmp_path)

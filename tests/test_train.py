@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+
+from interp.activations import ShuffleBuffer
+from interp.sae import create_coder, load_sae
+from interp.train import CHECKPOINT, METRICS, NonFiniteLoss, Trainer, TrainConfig, lr_factor
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+class SyntheticChunks:
+    """Sparse-ish synthetic activations, the same for the same chunk index."""
+
+    def __init__(self, d=16, rows=64):
+        self.d, self.rows = d, rows
+        g = torch.Generator().manual_seed(0)
+        self.atoms = torch.randn(48, d, generator=g)
+
+    def chunks(self, start=0):
+        index = start
+        while True:
+            g = torch.Generator().manual_seed(index)
+            codes = torch.rand(self.rows, 48, generator=g) * (torch.rand(self.rows, 48, generator=g) < 0.08)
+            yield {HOOK: codes @ self.atoms + 0.5}
+            index += 1
+
+
+def make_trainer(run_dir, steps=12, **overrides):
+    torch.manual_seed(0)
+    coder = create_coder("topk", d_in=16, n_latents=64, k=4, hook=HOOK, model="tiny-llama")
+    cfg = TrainConfig(tokens=steps * 32, batch_size=32, lr=3e-3, warmup_steps=3, checkpoint_every=5,
+                      log_every=1, eval_every=0, dead_tokens=64, **overrides)
+    buffer = ShuffleBuffer(SyntheticChunks(), buffer_tokens=128, batch_tokens=32, seed=1)
+    return Trainer(coder, buffer, cfg, run_dir)
+
+
+def test_training_lowers_the_loss_and_writes_a_run(tmp_path):
+    trainer = make_trainer(tmp_path, steps=60)
+    trainer.run()
+    lines = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 61))
+    assert lines[-1]["fvu"] < 0.5 * lines[0]["fvu"]
+    loaded = load_sae(tmp_path)
+    assert torch.equal(loaded.W_dec, trainer.coder.W_dec)
+    torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
+    reference = make_trainer(tmp_path / "full")
+    reference.run()
+
+    killed = make_trainer(tmp_path / "killed")
+    original_step = Trainer.train_step
+
+    def dies_at_step_8(self, batch):
+        if self.step == 8:
+            raise KeyboardInterrupt("killed")
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+
+    resumed = make_trainer(tmp_path / "killed")
+    resumed.run(resume=True)
+    assert resumed.step == 12
+    for name, tensor in reference.coder.state_dict().items():
+        assert torch.equal(tensor, resumed.coder.state_dict()[name]), name
+    assert torch.equal(reference.tokens_since_fired, resumed.tokens_since_fired)
+    full_log = (tmp_path / "full" / METRICS).read_text().splitlines()
+    resumed_log = (tmp_path / "killed" / METRICS).read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in lines]  # noqa: E731,E741
+    assert strip(full_log) == strip(resumed_log)
+
+
+def test_non_finite_loss_stops_without_losing_the_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path)
+    original_step = Trainer.train_step
+
+    def poison_at_step_7(self, batch):
+        if self.step == 7:
+            batch = {k: v * float("nan") for k, v in batch.items()}
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", poison_at_step_7)
+    with pytest.raises(NonFiniteLoss, match="at step 7"):
+        trainer.run()
+    saved = load_sae(tmp_path)
+    assert torch.isfinite(saved.W_dec).all()
+
+
+def test_resume_rejects_corrupt_or_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        make_trainer(tmp_path).run(resume=True)
+    (tmp_path / CHECKPOINT).write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="corrupt"):
+        make_trainer(tmp_path).run(resume=True)
+
+
+def test_fresh_run_refuses_to_overwrite_a_checkpoint(tmp_path):
+    make_trainer(tmp_path, steps=5).run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        make_trainer(tmp_path, steps=5).run()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    make_trainer(tmp_path, steps=5).run()
+    with pytest.raises(ValueError, match="settings differ"):
+        make_trainer(tmp_path, steps=5, grad_clip=2.0).run(resume=True)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(tokens=100 * 10, batch_size=10, warmup_steps=10, decay_start=0.8)
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1 and factors[79] == 1
+    assert factors[90] == pytest.approx(0.5) and factors[-1] == pytest.approx(0.05)
