@@ -1,0 +1,155 @@
+"""The sparse products as autograd Functions, over whichever primitives dispatch picked.
+
+Both products reduce to three primitives (implemented in torch_ops.py and triton_ops.py):
+- gather_sum:  out[b] = sum_j w[b, j] * T[idx[b, j]]              decode forward, encoder dx
+- gather_dot:  out[b, j] = <r[b], T[idx[b, j]]>                   decode d values, encode forward
+- segment_sum: the same gather-sum over CSR rows; with the active entries sorted by latent it
+               is the scatter-add of outer products, d W = sum over (b, j) of w[b, j] r[b],
+               written row by row without atomics                 decode d W_dec, encoder d W_enc
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+
+from .dispatch import backend
+from .reference import decode_reference, encode_selected_reference
+
+log = logging.getLogger("interp.kernels")
+
+
+def _primitives(name: str) -> ModuleType:
+    # Imported on first use: Triton reads TRITON_INTERPRET when its kernels are defined.
+    if name == "triton":
+        from . import triton_ops
+
+        return triton_ops
+    from . import torch_ops
+
+    return torch_ops
+
+
+def _check_code(indices_bk: torch.Tensor, values_bk: torch.Tensor | None = None) -> None:
+    if indices_bk.dim() != 2 or indices_bk.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be a 2-D int64 or int32 tensor, got {indices_bk.dtype} {tuple(indices_bk.shape)}")
+    if values_bk is not None and values_bk.shape != indices_bk.shape:
+        raise ValueError(f"values {tuple(values_bk.shape)} and indices {tuple(indices_bk.shape)} differ in shape")
+
+
+def _without_sentinels(indices_bk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices with -1 replaced by latent 0, mask of the real entries); callers zero the weights."""
+    valid_bk = indices_bk >= 0
+    return indices_bk.clamp(min=0).long().contiguous(), valid_bk
+
+
+def _by_latent(indices_bk: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries grouped by latent: (order_e, tokens_e, offsets_n1) of a CSR (n, B) layout."""
+    sorted_e, order_e = torch.sort(indices_bk.reshape(-1), stable=True)
+    tokens_e = order_e // indices_bk.shape[1]
+    latents_n1 = torch.arange(n_latents + 1, device=indices_bk.device)
+    return order_e, tokens_e, torch.searchsorted(sorted_e, latents_n1)
+
+
+class _Decode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices_bk, values_bk, W_nd, bias_d, prims):
+        idx_bk, valid_bk = _without_sentinels(indices_bk)
+        weights_bk = (values_bk * valid_bk).to(W_nd.dtype)
+        ctx.prims, ctx.values_dtype = prims, values_bk.dtype
+        ctx.bias_dtype = None if bias_d is None else bias_d.dtype
+        ctx.save_for_backward(idx_bk, valid_bk, weights_bk, W_nd)
+        return prims.gather_sum(W_nd, idx_bk, weights_bk, bias_d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_bd):
+        idx_bk, valid_bk, weights_bk, W_nd = ctx.saved_tensors
+        prims = ctx.prims
+        grad_values = grad_W = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_values = (prims.gather_dot(W_nd, idx_bk, grad_bd) * valid_bk).to(ctx.values_dtype)
+        if ctx.needs_input_grad[2]:
+            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, W_nd.shape[0])
+            weights_e = weights_bk.reshape(-1)[order_e]
+            grad_W = prims.segment_sum(grad_bd, tokens_e, weights_e, offsets_n1).to(W_nd.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_bd.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return None, grad_values, grad_W, grad_bias, None
+
+
+class _EncodeSelected(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk, prims):
+        idx_bk, valid_bk = _without_sentinels(indices_bk)
+        ctx.prims = prims
+        ctx.dtypes = (x_bd.dtype, W_enc_nd.dtype, b_enc_n.dtype)
+        ctx.save_for_backward(x_bd, W_enc_nd, idx_bk, valid_bk)
+        if pre_bk is not None:
+            # Already computed by the dense no-grad encoder; a copy keeps autograd from
+            # aliasing the caller's tensor.
+            return pre_bk.clone()
+        pre_bk = prims.gather_dot(W_enc_nd, idx_bk, x_bd) + b_enc_n[idx_bk]
+        return (pre_bk * valid_bk).to(W_enc_nd.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_bk):
+        x_bd, W_enc_nd, idx_bk, valid_bk = ctx.saved_tensors
+        prims = ctx.prims
+        x_dtype, W_dtype, b_dtype = ctx.dtypes
+        n_latents = W_enc_nd.shape[0]
+        weights_bk = (grad_bk * valid_bk).to(W_dtype)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = prims.gather_sum(W_enc_nd, idx_bk, weights_bk).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, n_latents)
+            weights_e = weights_bk.reshape(-1)[order_e]
+            grad_W = prims.segment_sum(x_bd, tokens_e, weights_e, offsets_n1).to(W_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(n_latents, dtype=torch.float32, device=idx_bk.device)
+            grad_b.index_add_(0, idx_bk.reshape(-1), (grad_bk * valid_bk).reshape(-1).float())
+            grad_b = grad_b.to(b_dtype)
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def decode(
+    indices_bk: torch.Tensor,
+    values_bk: torch.Tensor,
+    W_nd: torch.Tensor,
+    bias_d: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[b] = sum_j values[b, j] * W[indices[b, j]] (+ bias); index -1 marks an empty slot.
+
+    Differentiable in values, W and bias. The result has W's dtype; accumulation is in fp32.
+    """
+    _check_code(indices_bk, values_bk)
+    name = backend(indices_bk, values_bk, W_nd)
+    log.debug("decode: backend=%s B=%d k=%d n=%d d=%d %s", name, *indices_bk.shape, *W_nd.shape, W_nd.dtype)
+    if name == "reference":
+        return decode_reference(indices_bk, values_bk, W_nd, bias_d)
+    return _Decode.apply(indices_bk, values_bk, W_nd, bias_d, _primitives(name))
+
+
+def encode_selected(
+    x_bd: torch.Tensor,
+    W_enc_nd: torch.Tensor,
+    b_enc_n: torch.Tensor,
+    indices_bk: torch.Tensor,
+    pre_bk: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """pre[b, j] = <x[b], W_enc[indices[b, j]]> + b_enc[indices[b, j]], with a sparse backward.
+
+    If `pre_bk` is given (gathered from a no-grad dense encoder pass) it is returned as the
+    value and treated as a constant; gradients flow to x, W_enc and b_enc only through the
+    selected latents. Sentinel entries (index -1) read 0 when computed here and get no gradient.
+    """
+    _check_code(indices_bk, pre_bk)
+    name = backend(x_bd, W_enc_nd, indices_bk)
+    log.debug("encode_selected: backend=%s B=%d k=%d n=%d d=%d %s", name, *indices_bk.shape, *W_enc_nd.shape, W_enc_nd.dtype)
+    if name == "reference":
+        return encode_selected_reference(x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk)
+    return _EncodeSelected.apply(x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk, _primitives(name))

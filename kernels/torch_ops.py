@@ -1,0 +1,56 @@
+"""The torch implementation of the three sparse primitives (CPU, or CUDA without Triton).
+
+Each primitive reads only the rows it needs, through `embedding_bag`, whose CPU kernel is
+multithreaded and accumulates half-precision inputs in fp32. Callers (ops.py) have already
+replaced sentinel indices by 0 with weight 0, so no primitive sees a -1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_sum(
+    table_nd: torch.Tensor,
+    indices_bk: torch.Tensor,
+    weights_bk: torch.Tensor,
+    bias_d: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[b] = sum_j weights[b, j] * table[indices[b, j]] (+ bias), in the table's dtype."""
+    out_bd = F.embedding_bag(indices_bk, table_nd, per_sample_weights=weights_bk.to(table_nd.dtype), mode="sum")
+    return out_bd if bias_d is None else out_bd.add_(bias_d)
+
+
+def segment_sum(
+    table_md: torch.Tensor,
+    cols_e: torch.Tensor,
+    weights_e: torch.Tensor,
+    offsets_r1: torch.Tensor,
+) -> torch.Tensor:
+    """out[r] = sum over e in [offsets[r], offsets[r+1]) of weights[e] * table[cols[e]] (CSR rows)."""
+    return F.embedding_bag(
+        cols_e,
+        table_md.contiguous(),
+        offsets_r1,
+        mode="sum",
+        per_sample_weights=weights_e.to(table_md.dtype),
+        include_last_offset=True,
+    )
+
+
+def gather_dot(table_nd: torch.Tensor, indices_bk: torch.Tensor, rows_bd: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = <rows[b], table[indices[b, j]]>, in the table's dtype."""
+    if table_nd.is_cuda:
+        # The fused kernel below has no half-precision CUDA version; cuBLAS accumulates in fp32.
+        return torch.bmm(table_nd[indices_bk], rows_bd.to(table_nd.dtype)[:, :, None])[..., 0]
+    B, k = indices_bk.shape
+    flat_e = indices_bk.reshape(-1)
+    offsets_b = torch.arange(0, B * k, k, device=flat_e.device)
+    bag_e = torch.arange(B, device=flat_e.device).repeat_interleave(k)
+    # This is embedding_bag's gradient with respect to its per-sample weights: one fused pass
+    # over the selected rows, without materialising the (B, k, d) gather.
+    out_e = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        rows_bd.to(table_nd.dtype).contiguous(), table_nd, flat_e, offsets_b, bag_e, 0, -1
+    )
+    return out_e.view(B, k)
