@@ -49,3 +49,8 @@ def test_token_batches_pack_with_bos_and_mask():
         assert not batch.mask_bt[:, 0].any() and batch.mask_bt[:, 1:].all()
     flat = batches[0].tokens_bt[:, 1:].flatten().tolist()
     assert tok.decode(flat[:10]) == "abcdefghij" and flat[10] == tok.eos_token_id
+
+
+def test_hub_dataset_offline_gives_clear_error():
+    with pytest.raises(RuntimeError, match="Offline, use 'builtin'"):
+        next(iter_texts("no-such-org/no-such-dataset"))

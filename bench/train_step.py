@@ -1,0 +1,114 @@
+"""TopK SAE training steps per second on the CPU: interp against sparsify, SAE Lens, and the
+floor no TopK SAE can beat (the dense encoder matmul + top-k alone).
+
+    python bench/train_step.py            # d=576, n=9216, k=32, 4096 tokens, fp32, Adam
+
+Every contender trains on the same activations, already in memory, with Adam. interp runs its
+real trainer step (interp.train.Trainer.train_step: forward, FVU + AuxK, sparse backward through
+interp.kernels, decoder-parallel gradient removed, clipping, Adam, decoder renormalised).
+The peers run in their own virtual environments under bench/.peers/ (created on first use,
+with this environment's torch version), through the runners in bench/peers/. The last line is
+`train-step tok/s: interp=N floor=N sparsify=N saelens=N`; a peer that cannot run prints NA,
+with the reason on the line before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from interp.sae.topk import TopKConfig, TopKSAE
+from interp.train import TrainConfig, Trainer
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH / "peers"))
+from common import activations, tokens_per_second  # noqa: E402
+
+PEERS = {"sparsify": "eai-sparsify", "saelens": "sae-lens"}
+LOCAL_WHEELS = Path("/opt/wheels")
+
+
+def floor(x_bd: torch.Tensor, n: int, k: int, steps: int) -> float:
+    W_enc_nd = torch.randn(n, x_bd.shape[1]) / x_bd.shape[1] ** 0.5
+    b_enc_n = torch.zeros(n)
+
+    def step():
+        torch.addmm(b_enc_n, x_bd, W_enc_nd.T).topk(k, dim=1)
+
+    return tokens_per_second(step, len(x_bd), steps)
+
+
+def interp_step(x_bd: torch.Tensor, n: int, k: int, steps: int) -> float:
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(d_in=x_bd.shape[1], n_latents=n, k=k, hook="x"))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(sae, None, TrainConfig(), run_dir)
+        trainer.initialize({"x": x_bd})
+        return tokens_per_second(lambda: trainer.train_step({"x": x_bd}), len(x_bd), steps)
+
+
+def peer_python(name: str) -> Path:
+    """The peer's interpreter, creating its environment first if needed."""
+    venv = BENCH / ".peers" / name
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    # Our torch first, from a local wheel when there is one: an unpinned torch would pull a
+    # multi-gigabyte CUDA build, and the peer must not be timed on a different torch.
+    torch_req = f"torch=={torch.__version__}"
+    wheels = ["--find-links", str(LOCAL_WHEELS)] if LOCAL_WHEELS.is_dir() else []
+    if "+cpu" in torch.__version__:
+        wheels += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+    for requirement in (torch_req, PEERS[name]):
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", *wheels, requirement], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"pip install {requirement} failed: {done.stderr.strip()[-300:]}")
+    return python
+
+
+def peer(name: str, d: int, n: int, k: int, tokens: int, steps: int) -> float:
+    python = peer_python(name)
+    shape = [f"--d={d}", f"--n={n}", f"--k={k}", f"--tokens={tokens}", f"--steps={steps}"]
+    done = subprocess.run([str(python), str(BENCH / "peers" / f"{name}_step.py"), *shape], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("--n", type=int, default=9216)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    print(f"d={args.d} n={args.n} k={args.k} tokens={args.tokens} fp32, {torch.get_num_threads()} threads")
+
+    x_bd = activations(args.tokens, args.d)
+    results = {
+        "interp": interp_step(x_bd, args.n, args.k, args.steps),
+        "floor": floor(x_bd, args.n, args.k, args.steps),
+    }
+    for name in PEERS:
+        try:
+            results[name] = peer(name, args.d, args.n, args.k, args.tokens, args.steps)
+        except (RuntimeError, OSError, ValueError, subprocess.CalledProcessError) as err:
+            print(f"{name}: NA because {err}")
+            results[name] = None
+
+    ours = results["interp"]
+    for name, value in results.items():
+        if value is not None and name != "interp":
+            print(f"interp / {name}: {ours / value:.2f}")
+    print("train-step tok/s: " + " ".join(f"{name}={'NA' if v is None else round(v)}" for name, v in results.items()))
+
+
+if __name__ == "__main__":
+    main()
