@@ -25,8 +25,12 @@ def _replace_into(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def write_text(path: Path, text: str) -> None:
+    _replace_into(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, data) -> None:
-    _replace_into(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -35,8 +35,8 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
-    tokens: int = 1_000_000
-    """Training tokens (activations) to consume."""
+    tokens: int = 400_000
+    """Training tokens (activations) to consume (the default is one pass over the built-in corpus)."""
     batch_size: int = 4096
     """Tokens per optimiser step."""
     lr: float | None = None
