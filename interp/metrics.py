@@ -42,7 +42,7 @@ def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -
     for batch in batches:
         x, y = batch[hook].to(device), batch[target_hook].to(device).double()
         code = coder.encode(x)
-        y_hat = coder.decode(code).double()
+        y_hat = coder.reconstruct(x, code).double()
         squared_error += (y - y_hat).pow(2).sum()
         sums = y.sum(0) if sums is None else sums + y.sum(0)
         sum_squares = y.pow(2).sum(0) if sum_squares is None else sum_squares + y.pow(2).sum(0)
@@ -69,15 +69,24 @@ def _as_positions(act: torch.Tensor) -> torch.Tensor:
     return act.reshape(*act.shape[:2], -1)
 
 
-@torch.no_grad()
 def splice_metrics(model, coder: SparseCoder, batches: Iterable[TokenBatch], progress: bool = True) -> dict:
     """Next-token loss clean, spliced and zero-ablated; loss recovered; KL(clean || spliced)."""
-    read_hook = model.hook_dict[coder.cfg.hook].name
-    write_hook = model.hook_dict[coder.cfg.target_hook or coder.cfg.hook].name
-    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    return splice_metrics_many(model, [coder], batches, progress)[0]
+
+
+@torch.no_grad()
+def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[TokenBatch], progress: bool = True) -> list[dict]:
+    """`splice_metrics` of several coders of the same hooks, sharing the clean and zero-ablated passes."""
+    hooks = {(coder.cfg.hook, coder.cfg.target_hook or coder.cfg.hook) for coder in coders}
+    if len(hooks) != 1:
+        raise ValueError(f"coders spliced together must read and write the same hooks, got {sorted(hooks)}")
+    read_hook, write_hook = (model.hook_dict[name].name for name in hooks.pop())
+    reference = {"clean": 0.0, "zero": 0.0}
+    totals = [{"spliced": 0.0, "kl": 0.0} for _ in coders]
     count = 0
-    was_training = coder.training
-    coder.eval()
+    was_training = [coder.training for coder in coders]
+    for coder in coders:
+        coder.eval()
     for batch in tqdm(list(batches), desc="splice eval", disable=not progress, leave=False):
         tokens = batch.tokens_bt.to(model.cfg.device)
         mask = batch.mask_bt.to(tokens.device)
@@ -87,44 +96,51 @@ def splice_metrics(model, coder: SparseCoder, batches: Iterable[TokenBatch], pro
             seen["input"] = _as_positions(act)[mask]
             return act
 
-        def replace_with_reconstruction(act, hook):
-            if read_hook == write_hook:
-                seen["input"] = _as_positions(act)[mask]
-            flat = _as_positions(act).clone()
-            flat[mask] = coder.decode(coder.encode(seen["input"])).to(act.dtype)
-            return flat.reshape(act.shape)
-
         def zero(act, hook):
             flat = _as_positions(act).clone()
             flat[mask] = 0
             return flat.reshape(act.shape)
 
-        spliced_hooks = [(write_hook, replace_with_reconstruction)]
-        if read_hook != write_hook:
-            spliced_hooks.insert(0, (read_hook, read))
         clean_logits = model(tokens).float()
-        spliced_logits = model.run_with_hooks(tokens, fwd_hooks=spliced_hooks).float()
         zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(write_hook, zero)]).float()
         n = tokens[:, 1:].numel()
-        totals["clean"] += _next_token_loss(clean_logits, tokens) * n
-        totals["spliced"] += _next_token_loss(spliced_logits, tokens) * n
-        totals["zero"] += _next_token_loss(zero_logits, tokens) * n
+        reference["clean"] += _next_token_loss(clean_logits, tokens) * n
+        reference["zero"] += _next_token_loss(zero_logits, tokens) * n
         clean_logp = F.log_softmax(clean_logits[:, :-1], dim=-1)
-        spliced_logp = F.log_softmax(spliced_logits[:, :-1], dim=-1)
-        totals["kl"] += (clean_logp.exp() * (clean_logp - spliced_logp)).sum(-1).sum().item()
+        for coder, total in zip(coders, totals):
+
+            def replace_with_reconstruction(act, hook, coder=coder):
+                if read_hook == write_hook:
+                    seen["input"] = _as_positions(act)[mask]
+                flat = _as_positions(act).clone()
+                flat[mask] = coder.reconstruct(seen["input"]).to(act.dtype)
+                return flat.reshape(act.shape)
+
+            spliced_hooks = [(write_hook, replace_with_reconstruction)]
+            if read_hook != write_hook:
+                spliced_hooks.insert(0, (read_hook, read))
+            spliced_logits = model.run_with_hooks(tokens, fwd_hooks=spliced_hooks).float()
+            total["spliced"] += _next_token_loss(spliced_logits, tokens) * n
+            spliced_logp = F.log_softmax(spliced_logits[:, :-1], dim=-1)
+            total["kl"] += (clean_logp.exp() * (clean_logp - spliced_logp)).sum(-1).sum().item()
         count += n
-    coder.train(was_training)
+    for coder, mode in zip(coders, was_training):
+        coder.train(mode)
     if count == 0:
         raise ValueError("no text to evaluate the splice on")
-    clean, spliced, zero_loss = totals["clean"] / count, totals["spliced"] / count, totals["zero"] / count
-    return {
-        "loss_clean": clean,
-        "loss_spliced": spliced,
-        "loss_zero": zero_loss,
-        "loss_recovered": (zero_loss - spliced) / (zero_loss - clean) if zero_loss != clean else float("nan"),
-        "kl": totals["kl"] / count,
-        "splice_tokens": count,
-    }
+    clean, zero_loss = reference["clean"] / count, reference["zero"] / count
+    results = []
+    for total in totals:
+        spliced = total["spliced"] / count
+        results.append({
+            "loss_clean": clean,
+            "loss_spliced": spliced,
+            "loss_zero": zero_loss,
+            "loss_recovered": (zero_loss - spliced) / (zero_loss - clean) if zero_loss != clean else float("nan"),
+            "kl": total["kl"] / count,
+            "splice_tokens": count,
+        })
+    return results
 
 
 def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -41,6 +42,14 @@ class RunConfig:
     """Latents per input dimension (ignored when --latents is given)."""
     latents: int | None = None
     """Number of latents (default: expansion x hook width)."""
+    transcode: bool = False
+    """Train a transcoder: read --hook, reconstruct --target-hook (by default the MLP output of the block whose MLP input, blocks.L.ln2.hook_normalized, is --hook)."""
+    target_hook: str | None = None
+    """Hook a transcoder reconstructs, e.g. blocks.L.hook_mlp_out (implies --transcode)."""
+    skip: bool = False
+    """Skip transcoder (Paulo et al. 2025): also learn a linear map from the input hook to the target."""
+    coder_options: dict = field(default_factory=dict)
+    """Architecture-specific settings: fields of the architecture's config class (e.g. beta, zipf_exponent)."""
     activations: str | None = None
     """Train from an activation store written by `interp cache` instead of running the model."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -72,7 +81,25 @@ def hook_width(model, hook: str) -> int:
     return math.prod(shape)
 
 
-def _heldout_batches(model, cfg: RunConfig, n_tokens: int):
+MLP_INPUT = re.compile(r"blocks\.(\d+)\.ln2\.hook_normalized")
+
+
+def target_hook(cfg: RunConfig) -> str | None:
+    """The hook the coder reconstructs when it is a transcoder; None for an SAE."""
+    if cfg.skip and not (cfg.transcode or cfg.target_hook):
+        raise ValueError("--skip makes a skip transcoder: it needs --transcode (and a target hook)")
+    if cfg.target_hook or not cfg.transcode:
+        return cfg.target_hook
+    match = MLP_INPUT.fullmatch(cfg.hook)
+    if not match:
+        raise ValueError(
+            f"--transcode reads {cfg.hook!r}, which is not an MLP input (blocks.L.ln2.hook_normalized); "
+            f"name what it reconstructs with --target-hook"
+        )
+    return f"blocks.{match.group(1)}.hook_mlp_out"
+
+
+def heldout_token_batches(model, cfg: RunConfig, n_tokens: int):
     per_batch = cfg.model_batch * (cfg.data.context_size - 1)
     batches = iter_token_batches(
         model.tokenizer, iter_texts(cfg.data.dataset, "test", cfg.data.text_field), cfg.data.context_size, cfg.model_batch
@@ -88,7 +115,7 @@ def _heldout_batches(model, cfg: RunConfig, n_tokens: int):
 
 
 def heldout_activations(model, cfg: RunConfig, hooks: list[str]) -> list:
-    batches = _heldout_batches(model, cfg, cfg.eval_tokens)
+    batches = heldout_token_batches(model, cfg, cfg.eval_tokens)
     source = ModelChunks(model, lambda: iter(batches), hooks)
     return [source.run(b) for b in batches]
 
@@ -97,32 +124,40 @@ def evaluate_coder(model, coder: SparseCoder, cfg: RunConfig, progress: bool = T
     """Reconstruction and splice metrics of `coder` on held-out text (see interp.metrics)."""
     hooks = [coder.cfg.hook] + ([coder.cfg.target_hook] if coder.cfg.target_hook else [])
     metrics = reconstruction_metrics(coder, heldout_activations(model, cfg, hooks))
-    metrics.update(splice_metrics(model, coder, _heldout_batches(model, cfg, cfg.splice_tokens), progress=progress))
+    metrics.update(splice_metrics(model, coder, heldout_token_batches(model, cfg, cfg.splice_tokens), progress=progress))
     return metrics
 
 
-def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> tuple[SparseCoder, TrainResult, dict]:
-    """Train a coder as `cfg` says into the run folder `out`; evaluate it; save everything."""
+def train_run(
+    cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, evaluate: bool = True
+) -> tuple[SparseCoder, TrainResult, dict]:
+    """Train a coder as `cfg` says into the run folder `out`; evaluate it (unless `evaluate` is
+    False: then the metrics hold only the training speed and eval.json is not written); save."""
     out = Path(out)
     if resume:
         cfg = read_run_config(out)
     cls = coder_class(cfg.arch)
     model = load_model(cfg.model, cfg.device, cfg.dtype)
-    hooks = [cfg.hook]
+    target = target_hook(cfg)
+    hooks = [cfg.hook] + ([target] if target else [])
     keys = store_keys(hooks, getattr(cls, "needs_grad", False))
     if cfg.activations:
         manifest = read_manifest(Path(cfg.activations))
-        _check_store_matches(manifest, cfg)
+        _check_store_matches(manifest, cfg, hooks)
         # Held-out evaluation runs on the text the store was made from.
         cfg.data = DataConfig(manifest.dataset, manifest.context_size, cfg.data.text_field)
         source = StoreChunks(cfg.activations, keys)
-        d_in = manifest.widths[cfg.hook]
+        widths = manifest.widths
     else:
         source = ModelChunks(model, lambda: _train_batches(model, cfg), hooks, with_grads=getattr(cls, "needs_grad", False))
-        d_in = hook_width(model, cfg.hook)
+        widths = {hook: hook_width(model, hook) for hook in hooks}
+    d_in = widths[cfg.hook]
     n_latents = cfg.latents or cfg.expansion * d_in
     torch.manual_seed(cfg.train.seed)
-    coder = create_coder(cfg.arch, d_in=d_in, n_latents=n_latents, k=cfg.k, hook=cfg.hook, model=cfg.model).to(cfg.device)
+    coder = create_coder(
+        cfg.arch, d_in=d_in, n_latents=n_latents, k=cfg.k, hook=cfg.hook, target_hook=target,
+        d_out=widths[target] if target else None, skip=cfg.skip, model=cfg.model, **cfg.coder_options,
+    ).to(cfg.device)
     coder.meta = {"run": asdict(cfg)}
     if not resume:
         write_json(out / RUN_FILE, asdict(cfg))
@@ -136,11 +171,12 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
 
     buffer = ShuffleBuffer(source, cfg.buffer_tokens, cfg.train.batch_size, cfg.train.seed)
     result = Trainer(coder, buffer, cfg.train, out, evaluate=periodic_eval).run(resume=resume)
-    metrics = evaluate_coder(model, coder, cfg, progress=progress)
-    metrics["train_tokens_per_s"] = result.tokens_per_second
-    coder.meta["eval"] = metrics
+    metrics = {"train_tokens_per_s": result.tokens_per_second}
+    if evaluate:
+        metrics = {**evaluate_coder(model, coder, cfg, progress=progress), **metrics}
+        coder.meta["eval"] = metrics
+        write_json(out / EVAL_FILE, metrics)
     coder.save(out)
-    write_json(out / EVAL_FILE, metrics)
     return coder, result, metrics
 
 
@@ -150,9 +186,10 @@ def _train_batches(model, cfg: RunConfig):
     )
 
 
-def _check_store_matches(manifest: StoreManifest, cfg: RunConfig) -> None:
-    if cfg.hook not in manifest.hooks:
-        raise ValueError(f"the activation store {cfg.activations} holds hooks {manifest.hooks}, not {cfg.hook!r}")
+def _check_store_matches(manifest: StoreManifest, cfg: RunConfig, hooks: list[str]) -> None:
+    missing = [hook for hook in hooks if hook not in manifest.hooks]
+    if missing:
+        raise ValueError(f"the activation store {cfg.activations} holds hooks {manifest.hooks}, not {missing}")
     if manifest.model != cfg.model:
         raise ValueError(
             f"the activation store {cfg.activations} was made with model {manifest.model!r}, but this run uses "

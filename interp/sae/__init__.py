@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from interp.sae.base import CoderConfig, CoderOutput, SparseCode, SparseCoder, read_cfg
+from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from interp.sae.choice import (
+    FeatureChoiceConfig,
+    FeatureChoiceSAE,
+    MutualChoiceConfig,
+    MutualChoiceSAE,
+)
+from interp.sae.gradient import GradientConfig, GradientSAE
 from interp.sae.topk import TopKConfig, TopKSAE
 
-REGISTRY: dict[str, type[SparseCoder]] = {cls.arch: cls for cls in (TopKSAE,)}
+REGISTRY: dict[str, type[SparseCoder]] = {
+    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, MutualChoiceSAE, FeatureChoiceSAE, GradientSAE)
+}
 
 
 def coder_class(arch: str) -> type[SparseCoder]:
@@ -18,6 +29,10 @@ def coder_class(arch: str) -> type[SparseCoder]:
 
 def create_coder(arch: str, **config) -> SparseCoder:
     cls = coder_class(arch)
+    known = {f.name for f in fields(cls.config_class)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} do not apply to architecture {arch!r}; its settings: {', '.join(sorted(known))}")
     return cls(cls.config_class(**config))
 
 
@@ -28,6 +43,7 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SparseCoder:
 
 
 __all__ = [
-    "REGISTRY", "CoderConfig", "CoderOutput", "SparseCode", "SparseCoder", "TopKConfig", "TopKSAE",
-    "coder_class", "create_coder", "load_sae",
+    "REGISTRY", "BatchTopKConfig", "BatchTopKSAE", "CoderConfig", "CoderOutput", "FeatureChoiceConfig",
+    "FeatureChoiceSAE", "GradientConfig", "GradientSAE", "MutualChoiceConfig", "MutualChoiceSAE", "SparseCode",
+    "SparseCoder", "TopKConfig", "TopKSAE", "coder_class", "create_coder", "load_sae",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from abc import abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -46,6 +46,8 @@ class CoderConfig:
     """Hook the coder reconstructs, when it differs from `hook` (transcoders)."""
     d_out: int | None = None
     """Width of the target activation (defaults to d_in)."""
+    skip: bool = False
+    """Add a linear skip connection W_skip (d_out x d_in) from input to output (skip transcoder, Paulo et al. 2025)."""
     model: str = ""
     """Name of the model the coder was trained on, as given to interp.load_model."""
 
@@ -88,6 +90,9 @@ class SparseCoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec.clone() if d == d_out else torch.randn(n, d) / math.sqrt(d))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:
+            # Paulo et al. start the skip connection at zero: the coder begins as a plain transcoder.
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d))
         self.register_buffer("in_scale", torch.ones(()))
         self.register_buffer("out_scale", torch.ones(()))
         self.meta: dict = {}
@@ -127,8 +132,16 @@ class SparseCoder(nn.Module):
         return SparseCode(indices_bk, self.active_values(x_norm, indices_bk, pre_bn))
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        """Reconstruction in the target's units."""
+        """The code's reconstruction in the target's units (without a skip transcoder's linear term)."""
         return kernels.decode(code.indices_bk, code.values_bk, self.W_dec, self.b_dec) / self.out_scale
+
+    def reconstruct(self, x: torch.Tensor, code: SparseCode | None = None, **context) -> torch.Tensor:
+        """What the coder puts in the target hook's place: decode(encode(x)) plus any skip term
+        (pass `code` when x is already encoded)."""
+        out = self.decode(self.encode(x, **context) if code is None else code)
+        if self.cfg.skip:
+            out = out + self.normalized_input(x) @ self.W_skip.t() / self.out_scale
+        return out
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, **context) -> CoderOutput:
         """Encode `x`, reconstruct `target` (x itself for an SAE); losses in normalised units.
@@ -139,12 +152,24 @@ class SparseCoder(nn.Module):
         indices_bk = self.select(pre_bn, **context)
         values_bk = self.active_values(x_norm, indices_bk, pre_bn)
         x_hat_norm = kernels.decode(indices_bk, values_bk, self.W_dec, self.b_dec)
+        if self.cfg.skip:
+            x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()
         fvu = fraction_unexplained(target_norm, x_hat_norm)
         aux = self.aux_loss(x_norm, pre_bn, target_norm - x_hat_norm.detach(), **context)
         return CoderOutput(x_hat_norm / self.out_scale, SparseCode(indices_bk, values_bk), fvu, aux)
 
     def aux_loss(self, x_norm, pre_bn, residual, **context) -> torch.Tensor:
         return torch.zeros((), device=x_norm.device)
+
+    def decoder_head_fractions(self, n_heads: int) -> torch.Tensor:
+        """(n_latents, n_heads): the share of each latent's decoder norm in each head's slice, for a
+        coder of attn.hook_z, whose input concatenates the heads (Kissane et al. 2024 attribute a
+        feature to the heads holding most of its decoder norm). Rows sum to 1."""
+        if self.cfg.d_out % n_heads:
+            raise ValueError(f"the target width {self.cfg.d_out} does not split into {n_heads} heads")
+        with torch.no_grad():
+            norms = self.W_dec.view(self.cfg.n_latents, n_heads, -1).norm(dim=-1)
+            return norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
 
     # --- training support ------------------------------------------------------------------
 

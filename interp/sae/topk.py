@@ -44,15 +44,18 @@ class TopKSAE(SparseCoder):
         return pre_bn.topk(self.cfg.k, dim=1, sorted=False).indices
 
     def aux_loss(self, x_norm, pre_bn, residual, dead_mask=None, **context) -> torch.Tensor:
-        zero = torch.zeros((), device=x_norm.device)
         if dead_mask is None or not self.training:
-            return zero
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0:
-            return zero
-        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, n_dead)
-        dead_pre = pre_bn.masked_fill(~dead_mask, float("-inf"))
-        indices_bk = dead_pre.topk(k_aux, dim=1, sorted=False).indices
+            return torch.zeros((), device=x_norm.device)
+        return self.masked_aux_loss(x_norm, pre_bn, residual, dead_mask)
+
+    def masked_aux_loss(self, x_norm, pre_bn, residual, mask_n: torch.Tensor) -> torch.Tensor:
+        """AuxK restricted to the latents in `mask_n`: the top-k_aux of them reconstruct the residual."""
+        n_masked = int(mask_n.sum())
+        if n_masked == 0:
+            return torch.zeros((), device=x_norm.device)
+        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, n_masked)
+        masked_pre = pre_bn.masked_fill(~mask_n, float("-inf"))
+        indices_bk = masked_pre.topk(k_aux, dim=1, sorted=False).indices
         values_bk = self.active_values(x_norm, indices_bk, pre_bn)
         residual_hat = kernels.decode(indices_bk, values_bk, self.W_dec)
         return self.cfg.aux_coef * fraction_unexplained(residual, residual_hat)

@@ -1,0 +1,190 @@
+"""Train several architectures on the same cached activations at matched sparsity, and compare.
+
+Every (architecture, k, seed) is one `train_run` on the same activation store with the same
+width, tokens, batch size and schedule; k is the sparsity budget (exactly k latents per token for
+TopK and g-SAE, k per token on average for the batch-level coders). Each run is evaluated on the
+same held-out text, so the table's mean L0 says how well the budgets were matched at inference.
+
+All runs are trained first, then evaluated together: the held-out activations and the clean and
+zero-ablated model passes, which every run shares, are computed once.
+
+The output folder holds one run folder per training run (a finished run is read back, not
+retrained, so an interrupted comparison continues where it stopped), `compare.json` (every run's
+metrics and the per-(k, architecture) means), `compare.md` (the table) and `compare.html` (a
+self-contained plotly figure).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from interp.activation_store import read_manifest
+from interp.atomic import write_json
+from interp.data import DataConfig
+from interp.metrics import reconstruction_metrics, splice_metrics_many
+from interp.models import load_model
+from interp.run import (
+    EVAL_FILE,
+    RunConfig,
+    heldout_activations,
+    heldout_token_batches,
+    train_run,
+)
+from interp.sae import load_sae
+from interp.train import CHECKPOINT
+
+COLUMNS = {
+    "fvu": "FVU",
+    "l0": "mean L0",
+    "dead_frac": "dead frac",
+    "loss_recovered": "loss recovered",
+    "kl": "KL",
+    "train_tokens_per_s": "train tok/s",
+}
+"""Metric key -> column title, in table order."""
+SPEED_FILE = "train_speed.json"
+LOWER_IS_BETTER = {"fvu": True, "dead_frac": True, "kl": True, "loss_recovered": False}
+
+
+@dataclass
+class CompareConfig:
+    base: RunConfig
+    """Settings every run shares; `activations` must name a store (from `interp cache`), whose model is used and whose first hook is the default."""
+    archs: list[str] = field(default_factory=lambda: ["topk", "batchtopk", "mutual_choice", "feature_choice", "gradient"])
+    """Architectures to compare (registered in interp.sae)."""
+    ks: list[int] = field(default_factory=lambda: [16, 48])
+    """Sparsity budgets k (active latents per token, on average for batch-level coders)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Training seeds; the ranking is checked for agreement across them."""
+
+
+def run_name(arch: str, k: int, seed: int) -> str:
+    return f"{arch}-k{k}-s{seed}"
+
+
+def compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
+    """Train (or read back) every run, evaluate them together, then write compare.json,
+    compare.md and compare.html."""
+    if not cfg.base.activations:
+        raise ValueError("a comparison trains every architecture on the same cached activations: pass --activations")
+    manifest = read_manifest(Path(cfg.base.activations))
+    cfg.base.model = manifest.model
+    cfg.base.hook = cfg.base.hook or manifest.hooks[0]
+    # Held-out evaluation runs on the text the store was made from, as train_run's does.
+    cfg.base.data = DataConfig(manifest.dataset, manifest.context_size, cfg.base.data.text_field)
+    out = Path(out)
+    keys = [(arch, k, seed) for k in cfg.ks for arch in cfg.archs for seed in cfg.seeds]
+    folders = {key: out / "runs" / run_name(*key) for key in keys}
+    for key in keys:
+        if not (folders[key] / SPEED_FILE).exists():
+            _train(cfg.base, *key, folders[key], progress)
+    pending = [folders[key] for key in keys if not (folders[key] / EVAL_FILE).exists()]
+    if pending:
+        evaluate_together(cfg.base, pending, progress)
+    runs = []
+    for (arch, k, seed), folder in folders.items():
+        metrics = json.loads((folder / EVAL_FILE).read_text())
+        runs.append({"arch": arch, "k": k, "seed": seed, **{key: metrics[key] for key in COLUMNS}})
+    summary = summarize(runs, cfg)
+    result = {"settings": asdict(cfg), "runs": runs, **summary}
+    write_json(out / "compare.json", result)
+    (out / "compare.md").write_text(markdown_table(result))
+    write_figure(result, out / "compare.html")
+    return result
+
+
+def _train(base: RunConfig, arch: str, k: int, seed: int, run_dir: Path, progress: bool) -> None:
+    cfg = copy.deepcopy(base)
+    cfg.arch, cfg.k, cfg.train.seed = arch, k, seed
+    resume = (run_dir / CHECKPOINT).exists()  # a comparison killed mid-run continues it
+    metrics = train_run(cfg, run_dir, resume=resume, progress=progress, evaluate=False)[2]
+    write_json(run_dir / SPEED_FILE, metrics)
+
+
+def evaluate_together(base: RunConfig, run_dirs: list[Path], progress: bool) -> None:
+    """Held-out metrics of several coders of one hook: the model, the held-out activations and
+    the clean and zero-ablated passes are computed once for all of them."""
+    coders = [load_sae(folder) for folder in run_dirs]
+    model = load_model(base.model, base.device, base.dtype)
+    hooks = [coders[0].cfg.hook] + ([coders[0].cfg.target_hook] if coders[0].cfg.target_hook else [])
+    heldout = heldout_activations(model, base, hooks)
+    spliced = splice_metrics_many(model, coders, heldout_token_batches(model, base, base.splice_tokens), progress)
+    for folder, coder, splice in zip(run_dirs, coders, spliced):
+        metrics = {**reconstruction_metrics(coder, heldout), **splice, **json.loads((folder / SPEED_FILE).read_text())}
+        coder.meta["eval"] = metrics
+        coder.save(folder)
+        write_json(folder / EVAL_FILE, metrics)
+
+
+def summarize(runs: list[dict], cfg: CompareConfig) -> dict:
+    """Mean and spread over seeds per (k, arch); per k and metric, whether every seed ranks the
+    architectures in the same order."""
+    rows = []
+    for k in cfg.ks:
+        for arch in cfg.archs:
+            mine = [r for r in runs if r["k"] == k and r["arch"] == arch]
+            row = {"k": k, "arch": arch}
+            for key in COLUMNS:
+                values = [r[key] for r in mine]
+                row[key] = statistics.fmean(values)
+                row[f"{key}_spread"] = max(values) - min(values)
+            rows.append(row)
+    stable = {}
+    for k in cfg.ks:
+        for key, lower in LOWER_IS_BETTER.items():
+            orders = set()
+            for seed in cfg.seeds:
+                scored = {r["arch"]: r[key] for r in runs if r["k"] == k and r["seed"] == seed}
+                orders.add(tuple(sorted(scored, key=scored.get, reverse=not lower)))
+            stable[f"k{k}:{key}"] = len(orders) == 1
+    return {"table": rows, "ranking_stable_across_seeds": stable}
+
+
+def markdown_table(result: dict) -> str:
+    seeds = result["settings"]["seeds"]
+    header = "| k | architecture | " + " | ".join(COLUMNS.values()) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    for row in result["table"]:
+        cells = []
+        for key in COLUMNS:
+            if key == "train_tokens_per_s":
+                cells.append(f"{row[key]:,.0f}")
+            else:
+                cells.append(f"{row[key]:.4f} ± {row[key + '_spread'] / 2:.4f}")
+        lines.append(f"| {row['k']} | {row['arch']} | " + " | ".join(cells) + " |")
+    stable = result["ranking_stable_across_seeds"]
+    lines.append("")
+    lines.append(f"Means over seeds {seeds}; ± is half the range across seeds.")
+    lines.append("Ranking identical across seeds: " + ", ".join(f"{key} {'yes' if ok else 'no'}" for key, ok in stable.items()))
+    return "\n".join(lines) + "\n"
+
+
+def write_figure(result: dict, path: Path) -> None:
+    """One panel per metric, architectures grouped by k, error bars spanning the seeds."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    keys = list(COLUMNS)
+    fig = make_subplots(rows=2, cols=3, subplot_titles=[COLUMNS[key] for key in keys])
+    ks = result["settings"]["ks"]
+    for index, key in enumerate(keys):
+        for k_index, k in enumerate(ks):
+            rows = [row for row in result["table"] if row["k"] == k]
+            fig.add_trace(
+                go.Bar(
+                    x=[row["arch"] for row in rows], y=[row[key] for row in rows], name=f"k={k}",
+                    legendgroup=f"k={k}", showlegend=index == 0, marker_color=["#1f77b4", "#ff7f0e", "#2ca02c"][k_index % 3],
+                    error_y={"type": "data", "array": [row[f"{key}_spread"] / 2 for row in rows]},
+                ),
+                row=index // 3 + 1, col=index % 3 + 1,
+            )
+    base = result["settings"]["base"]
+    fig.update_layout(
+        barmode="group", height=700, width=1200,
+        title=f"{base['model']} {base['hook']}: sparse coders at matched sparsity ({base['train']['tokens']:,} training tokens)",
+    )
+    fig.write_html(path, include_plotlyjs=True)

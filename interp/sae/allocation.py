@@ -1,0 +1,50 @@
+"""What the batch-level coders (BatchTopK, mutual choice, feature choice) share: turning a set of
+(token, latent) matches into the padded sparse code, and thresholds that make inference on one
+token independent of the rest of its batch.
+
+In training these coders choose matches over the whole batch, so a token's latents depend on its
+neighbours. At inference (`coder.eval()`) they instead keep every latent whose pre-activation
+exceeds a threshold estimated during training (`threshold`, a scalar or one per latent), a rule
+that reads one token at a time: a token gets the same code alone as in any batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def padded_code(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Indices (n_rows, widest row) of latents `cols` active in tokens `rows`; -1 pads short rows."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = max(1, int(counts.max())) if len(rows) else 1
+    order = torch.argsort(rows, stable=True)
+    rows, cols = rows[order], cols[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=rows.device) - starts[rows]
+    indices_bk = torch.full((n_rows, width), -1, dtype=torch.long, device=rows.device)
+    indices_bk[rows, slot] = cols
+    return indices_bk
+
+
+def select_above(pre_bn: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Inference rule: latents with pre-activation above `threshold` (and above 0), per token."""
+    rows, cols = ((pre_bn > threshold) & (pre_bn > 0)).nonzero(as_tuple=True)
+    return padded_code(rows, cols, len(pre_bn))
+
+
+def batch_topk(pre_bn: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `budget` largest positive pre-activations of the whole batch: (rows, cols, values)."""
+    top = pre_bn.flatten().topk(min(budget, pre_bn.numel()), sorted=False)
+    keep = top.values > 0
+    flat, values = top.indices[keep], top.values[keep]
+    return flat // pre_bn.shape[1], flat % pre_bn.shape[1], values
+
+
+@torch.no_grad()
+def update_ema(running: torch.Tensor, observed: torch.Tensor, rate: float, started: torch.Tensor) -> None:
+    """running <- (1 - rate) running + rate observed; the first observation is taken as is."""
+    if not bool(started):
+        running.copy_(observed)
+        started.fill_(True)
+    else:
+        running.lerp_(observed.to(running.dtype), rate)

@@ -1,0 +1,168 @@
+"""Mutual choice and feature choice sparse autoencoders, with aux_zipf_loss (Ayonrinde 2024,
+"Adaptive Sparse Allocation with Mutual Choice & Feature Choice Sparse Autoencoders",
+arXiv 2411.02124).
+
+The sparsifier allocates a budget of M = k B token-feature matches over a batch of B tokens, with
+pre-activations Z (B x n), z_b = W_enc (x_b - b_dec) + b_enc:
+
+    TopK (token choice):  each token b takes its top-k features          (exactly k per token)
+    Mutual choice:        S = TopM(Z) over the whole B x n matrix         (free allocation)
+    Feature choice:       feature i takes its top-m_i tokens, sum_i m_i = M (at most m_i per feature)
+
+    f_b = ReLU(z_b) * S_b,    x_hat_b = W_dec f_b + b_dec,    L = FVU + aux_coef * aux_zipf_loss
+
+Tokens get a varying number of latents; the padded sparse code (-1 slots) carries them to the
+sparse kernels. Mutual choice selects exactly as BatchTopK does; what the paper adds is the
+allocation view, feature choice, and the auxiliary loss.
+
+Choices where the paper leaves room (ours, and why):
+
+- Feature capacities follow a Zipf law over the latent index: m_i = clamp(floor(M w_i), 1, B) with
+  w_i = (i + 1)^-alpha / sum_j (j + 1)^-alpha, alpha = `zipf_exponent` (0 gives the uniform
+  m = M / n). The paper motivates Zipf capacities by the observation that feature densities of
+  trained SAEs follow a Zipf law; tying the capacity to a fixed index (latents start
+  interchangeable, so training decides which latent gets which capacity) keeps the allocation
+  deterministic and free of a feedback loop through measured densities. The clamps (a feature
+  cannot take more tokens than the batch has, and every feature may take one) move the total
+  slightly off M; the per-feature bound m_i always holds.
+- aux_zipf_loss generalises AuxK from dead to under-utilised features. We track each latent's
+  firing density d_i (a moving average over training batches, rate `density_rate`), fit a Zipf
+  law log d = a - beta log r to the densities ranked r = 1..n over the head of the ranking (the
+  top half, where the paper finds the law holds), and call latent i under-utilised when
+  d_i < `underuse_factor` * exp(a - beta log r_i): it sits well under the law at its rank. Dead
+  latents (d_i = 0) are always under-utilised, so with no under-used live latent the loss is
+  exactly AuxK. The loss is AuxK restricted to the under-utilised latents: their top-k_aux
+  pre-activations reconstruct the residual x - x_hat, L_aux = FVU(residual, their decode).
+- Inference on one token cannot depend on the batch, so in `eval()` mode both coders keep the
+  latents whose pre-activation exceeds a threshold estimated in training (see allocation.py):
+  mutual choice one global threshold (the smallest kept activation, as BatchTopK), feature choice
+  one threshold per feature (the m_i-th largest activation of feature i in the batch, clamped at
+  0), each a moving average with rate `threshold_rate`. Feature i then fires on a token exactly
+  when it would rank among its top-m_i in a typical batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from interp.sae.allocation import padded_code, select_above, update_ema
+from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+
+
+@dataclass
+class MutualChoiceConfig(BatchTopKConfig):
+    density_rate: float = 0.01
+    """Rate of the moving average of latent densities that aux_zipf_loss reads (choice coders)."""
+    underuse_factor: float = 0.5
+    """aux_zipf_loss treats a latent as under-utilised when its density is below this fraction of the Zipf law at its rank."""
+
+
+@dataclass
+class FeatureChoiceConfig(MutualChoiceConfig):
+    zipf_exponent: float = 1.0
+    """Feature choice: latent i may take m_i ~ (i+1)^-exponent of the batch's k*B matches (0: uniform)."""
+
+
+class MutualChoiceSAE(BatchTopKSAE):
+    arch = "mutual_choice"
+    config_class = MutualChoiceConfig
+
+    def __init__(self, cfg: MutualChoiceConfig):
+        super().__init__(cfg)
+        self.register_buffer("density", torch.zeros(cfg.n_latents))
+        self.register_buffer("density_started", torch.zeros((), dtype=torch.bool))
+
+    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
+        indices_bk = super().select(pre_bn, **context)
+        if self.training:
+            self.track_density(indices_bk)
+        return indices_bk
+
+    @torch.no_grad()
+    def track_density(self, indices_bk: torch.Tensor) -> None:
+        # Selected entries are all positive, so selection counts are firing counts.
+        fires = torch.bincount(indices_bk[indices_bk >= 0], minlength=self.cfg.n_latents)
+        update_ema(self.density, fires.float() / len(indices_bk), self.cfg.density_rate, self.density_started)
+
+    def aux_loss(self, x_norm, pre_bn, residual, **context) -> torch.Tensor:
+        if not self.training:
+            return torch.zeros((), device=x_norm.device)
+        return self.masked_aux_loss(x_norm, pre_bn, residual, self.underused())
+
+    @torch.no_grad()
+    def underused(self) -> torch.Tensor:
+        """Latents whose density falls under `underuse_factor` x the Zipf law fitted to the head."""
+        return underused_by_zipf(self.density, self.cfg.underuse_factor)
+
+
+class FeatureChoiceSAE(MutualChoiceSAE):
+    arch = "feature_choice"
+    config_class = FeatureChoiceConfig
+
+    def __init__(self, cfg: FeatureChoiceConfig):
+        super().__init__(cfg)
+        # One inference threshold per feature (the scalar of BatchTopK becomes a vector).
+        self.threshold = torch.zeros(cfg.n_latents)
+
+    def capacities(self, n_tokens: int) -> torch.Tensor:
+        """m_i, the most tokens latent i may take in a batch of `n_tokens` (non-increasing in i)."""
+        return zipf_capacities(self.cfg.n_latents, self.cfg.k * n_tokens, n_tokens, self.cfg.zipf_exponent).to(
+            self.threshold.device
+        )
+
+    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
+        if not self.training:
+            return select_above(pre_bn, self.threshold)
+        capacity_n = self.capacities(len(pre_bn))
+        rows, cols, thresholds = feature_choice(pre_bn, capacity_n)
+        update_ema(self.threshold, thresholds, self.cfg.threshold_rate, self.threshold_started)
+        indices_bk = padded_code(rows, cols, len(pre_bn))
+        self.track_density(indices_bk)
+        return indices_bk
+
+
+def zipf_capacities(n_latents: int, budget: int, n_tokens: int, exponent: float) -> torch.Tensor:
+    weights = torch.arange(1, n_latents + 1, dtype=torch.float64).pow(-exponent)
+    return (budget * weights / weights.sum()).floor().clamp(1, n_tokens).long()
+
+
+def feature_choice(pre_bn: torch.Tensor, capacity_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each latent i takes its top-capacity_n[i] tokens with positive pre-activation.
+    Returns (rows, cols) of the matches and each latent's smallest admitted value (>= 0).
+
+    Capacities are non-increasing in i, so latents are processed in groups whose capacities lie
+    within a factor 2: one column-wise top-m per group instead of a full sort of every column."""
+    rows, cols, thresholds = [], [], []
+    start, n = 0, pre_bn.shape[1]
+    while start < n:
+        m = int(capacity_n[start])
+        stop = max(start + 1, int((capacity_n > m // 2).sum()))
+        top = pre_bn[:, start:stop].topk(m, dim=0)  # values sorted, (m, group)
+        cap_g = capacity_n[start:stop]
+        keep = (torch.arange(m, device=pre_bn.device)[:, None] < cap_g) & (top.values > 0)
+        rank, col = keep.nonzero(as_tuple=True)
+        rows.append(top.indices[rank, col])
+        cols.append(col + start)
+        thresholds.append(top.values.gather(0, (cap_g - 1)[None]).squeeze(0).clamp_min(0))
+        start = stop
+    return torch.cat(rows), torch.cat(cols), torch.cat(thresholds)
+
+
+def underused_by_zipf(density_n: torch.Tensor, factor: float) -> torch.Tensor:
+    sorted_d, order = density_n.sort(descending=True)
+    ranks = torch.arange(1, len(density_n) + 1, dtype=torch.float64, device=density_n.device)
+    head = (ranks <= max(2, len(density_n) // 2)) & (sorted_d > 0)
+    expected = torch.zeros_like(ranks)
+    if int(head.sum()) >= 2:
+        log_r, log_d = ranks[head].log(), sorted_d[head].double().log()
+        slope = ((log_r - log_r.mean()) * (log_d - log_d.mean())).sum() / (log_r - log_r.mean()).pow(2).sum()
+        intercept = log_d.mean() - slope * log_r.mean()
+        expected = (intercept + slope * ranks.log()).exp()
+    under_sorted = sorted_d.double() < factor * expected
+    under_sorted |= sorted_d == 0
+    mask = torch.empty_like(under_sorted)
+    mask[order] = under_sorted
+    return mask
+

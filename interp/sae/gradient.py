@@ -1,0 +1,60 @@
+"""Gradient sparse autoencoder, g-SAE (Olmo et al. 2024, "Features that Make a Difference:
+Leveraging Gradients for Improved Dictionary Learning", arXiv 2411.10397).
+
+TopK whose *selection* also weighs each latent's first-order effect on the model's loss:
+
+    z     = W_enc (x - b_dec) + b_enc
+    g     = dL/dx                             gradient of the next-token loss at the hooked activation
+    s     = z + beta * z * |W_dec^T g|        selection score (elementwise products)
+    S     = TopK_k(s)                         the k latents with the largest score
+    f     = ReLU(z) on S, 0 elsewhere         values are the ordinary activations
+    x_hat = W_dec f + b_dec,   L = FVU + aux_coef * AuxK (as TopK)
+
+|W_dec_i . g| is how much the loss moves per unit of latent i, so a latent with a small activation
+but a large downstream effect can displace one with a slightly larger but inert activation.
+beta = 0 (or g = 0) gives exactly TopK.
+
+Choices (ours):
+- g is taken in the coder's normalised units (dL/dx_norm = g / scale, the chain rule through our
+  input scaling), so the score does not depend on the model's activation scale. For a transcoder
+  the gradient is taken at the target hook, the space W_dec writes into.
+- Gradients come from the activation source (`ModelChunks(with_grads=True)`, or a store written
+  by `interp cache --with-grads`): one backward pass from the loss to the hooked activation.
+- Without a gradient (inference, splicing into the model, `interp eval`) the coder selects by
+  plain TopK on z, the beta = 0 limit: one forward pass, no backward. In training a missing
+  gradient is an error, not a silent fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from interp.sae.topk import TopKConfig, TopKSAE
+
+
+@dataclass
+class GradientConfig(TopKConfig):
+    beta: float = 1.0
+    """g-SAE: weight of the gradient term beta in the selection score z + beta * z * |W_dec^T grad|."""
+
+
+class GradientSAE(TopKSAE):
+    arch = "gradient"
+    config_class = GradientConfig
+    needs_grad = True
+
+    def select(self, pre_bn: torch.Tensor, grad: torch.Tensor | None = None, **context) -> torch.Tensor:
+        if grad is None:
+            if self.training:
+                raise ValueError("a gradient SAE trains on gradients: pass grad= (an activation source with_grads)")
+            return super().select(pre_bn)
+        return self.scores(pre_bn, grad).topk(self.cfg.k, dim=1, sorted=False).indices
+
+    @torch.no_grad()
+    def scores(self, pre_bn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """s = z + beta * z * |W_dec^T g| with g in normalised units, (tokens, n)."""
+        grad_norm = grad.to(self.W_dec.dtype) / self.out_scale
+        effect_bn = (grad_norm @ self.W_dec.t()).abs()
+        return pre_bn + self.cfg.beta * pre_bn * effect_bn

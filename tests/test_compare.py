@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from interp import compare as compare_module
+from interp.compare import COLUMNS, CompareConfig, compare
+from interp.data import DataConfig
+from interp.run import RunConfig, cache_run
+from interp.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("store")
+    cache_run("tiny-llama", ["blocks.0.hook_resid_post"], folder, tokens=1024, data=DataConfig(context_size=32),
+              model_batch=4, shard_tokens=512, with_grads=True, progress=False)
+    return folder
+
+
+def test_compare_writes_table_json_and_figure(store, tmp_path, monkeypatch):
+    base = RunConfig(hook="", expansion=2, activations=str(store), buffer_tokens=512, eval_tokens=200, splice_tokens=60,
+                     train=TrainConfig(tokens=512, batch_size=128, eval_every=0))
+    cfg = CompareConfig(base, archs=["topk", "feature_choice", "gradient"], ks=[4], seeds=[0, 1])
+    result = compare(cfg, tmp_path, progress=False)
+    assert len(result["runs"]) == 6 and len(result["table"]) == 3
+    assert base.model == "tiny-llama" and base.hook == "blocks.0.hook_resid_post"  # read from the store
+    for row in result["table"]:
+        assert set(COLUMNS) <= set(row) and row["train_tokens_per_s"] > 0
+    table = (tmp_path / "compare.md").read_text()
+    assert "| 4 | gradient |" in table and "loss recovered" in table and "Ranking identical across seeds" in table
+    assert json.loads((tmp_path / "compare.json").read_text())["settings"]["ks"] == [4]
+    html = (tmp_path / "compare.html").read_text()
+    assert "Plotly.newPlot" in html and "<script src=\"http" not in html  # plotly.js inlined: self-contained
+    # A second call reads finished runs back instead of training them again.
+    monkeypatch.setattr(compare_module, "train_run", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert compare(cfg, tmp_path, progress=False)["runs"] == result["runs"]
+
+
+def test_compare_needs_a_store(tmp_path):
+    with pytest.raises(ValueError, match="--activations"):
+        compare(CompareConfig(RunConfig()), tmp_path)
