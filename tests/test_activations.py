@@ -94,3 +94,12 @@ def test_shuffle_buffer_is_bounded_deterministic_and_resumable():
 def test_buffer_must_hold_a_batch():
     with pytest.raises(ValueError, match="at least one batch"):
         ShuffleBuffer(Counting(), buffer_tokens=4, batch_tokens=8, seed=0)
+
+
+@pytest.mark.parametrize("hook, message", [("blocks.0.hook_mlp_in", "set_use_hook_mlp_in"),
+                                           ("blocks.0.attn.hook_result", "set_use_attn_result")])
+def test_gated_off_hook_is_a_clear_error(tiny_model, hook, message):
+    # TransformerLens 4 gates these hooks off; asking for one must say how to turn it on.
+    source = ModelChunks(tiny_model, batches_of(tiny_model), [hook])
+    with pytest.raises(ValueError, match=message):
+        source.run(next(batches_of(tiny_model)()))
