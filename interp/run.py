@@ -75,10 +75,11 @@ class RunConfig:
         return cls(**values)
 
 
-def hook_width(model, hook: str) -> int:
-    check_hooks(model, [hook])
-    shape = hook_shapes(model)[hook]
-    return math.prod(shape)
+def hook_widths(model, hooks: list[str]) -> dict[str, int]:
+    """Per-token width of each hook, from one short forward pass."""
+    check_hooks(model, hooks)
+    shapes = hook_shapes(model)
+    return {hook: math.prod(shapes[hook]) for hook in hooks}
 
 
 MLP_INPUT = re.compile(r"blocks\.(\d+)\.ln2\.hook_normalized")
@@ -120,10 +121,13 @@ def heldout_activations(model, cfg: RunConfig, hooks: list[str]) -> list:
     return [source.run(b) for b in batches]
 
 
-def evaluate_coder(model, coder: SparseCoder, cfg: RunConfig, progress: bool = True) -> dict:
-    """Reconstruction and splice metrics of `coder` on held-out text (see interp.metrics)."""
-    hooks = [coder.cfg.hook] + ([coder.cfg.target_hook] if coder.cfg.target_hook else [])
-    metrics = reconstruction_metrics(coder, heldout_activations(model, cfg, hooks))
+def evaluate_coder(model, coder: SparseCoder, cfg: RunConfig, progress: bool = True, activations: list | None = None) -> dict:
+    """Reconstruction and splice metrics of `coder` on held-out text (see interp.metrics);
+    `activations` are the held-out activations when the caller already has them."""
+    if activations is None:
+        hooks = [coder.cfg.hook] + ([coder.cfg.target_hook] if coder.cfg.target_hook else [])
+        activations = heldout_activations(model, cfg, hooks)
+    metrics = reconstruction_metrics(coder, activations)
     metrics.update(splice_metrics(model, coder, heldout_token_batches(model, cfg, cfg.splice_tokens), progress=progress))
     return metrics
 
@@ -150,7 +154,7 @@ def train_run(
         widths = manifest.widths
     else:
         source = ModelChunks(model, lambda: _train_batches(model, cfg), hooks, with_grads=getattr(cls, "needs_grad", False))
-        widths = {hook: hook_width(model, hook) for hook in hooks}
+        widths = hook_widths(model, hooks)
     d_in = widths[cfg.hook]
     n_latents = cfg.latents or cfg.expansion * d_in
     torch.manual_seed(cfg.train.seed)
@@ -173,7 +177,7 @@ def train_run(
     result = Trainer(coder, buffer, cfg.train, out, evaluate=periodic_eval).run(resume=resume)
     metrics = {"train_tokens_per_s": result.tokens_per_second}
     if evaluate:
-        metrics = {**evaluate_coder(model, coder, cfg, progress=progress), **metrics}
+        metrics = {**evaluate_coder(model, coder, cfg, progress=progress, activations=eval_acts), **metrics}
         coder.meta["eval"] = metrics
         write_json(out / EVAL_FILE, metrics)
     coder.save(out)
