@@ -89,7 +89,11 @@ def write_store(folder: str | Path, source: ModelChunks, manifest: StoreManifest
     bar = tqdm(total=manifest.target_tokens, initial=manifest.tokens, unit="tok", unit_scale=True, desc="cache", disable=not progress)
     with bar:
         while not manifest.complete:
-            parts = [next(chunks) for _ in range(manifest.chunks_per_shard)]
+            parts = []
+            for _ in range(manifest.chunks_per_shard):
+                parts.append(next(chunks))
+                # Per chunk, not per shard: a shard of model passes with gradients takes minutes.
+                bar.update(len(parts[-1][manifest.hooks[0]]))
             shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
             name = f"shard_{len(manifest.shards):05d}.safetensors"
             write_tensors(folder / name, shard)
@@ -98,7 +102,6 @@ def write_store(folder: str | Path, source: ModelChunks, manifest: StoreManifest
             manifest.dtype = str(shard[manifest.hooks[0]].dtype).removeprefix("torch.")
             manifest.shards.append({"file": name, "tokens": n_tokens})
             write_json(folder / MANIFEST, asdict(manifest))
-            bar.update(n_tokens)
     return manifest
 
 

@@ -56,9 +56,14 @@ def _serial_sort(keys_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.set_num_threads(threads)
 
 
-def _by_latent(indices_bk: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The entries grouped by latent: (order_e, tokens_e, offsets_n1) of a CSR (n, B) layout."""
-    keys_e = indices_bk.reshape(-1)
+def _by_latent(
+    indices_bk: torch.Tensor, valid_bk: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real entries grouped by latent: (order_e, tokens_e, offsets_n1) of a CSR (n, B) layout.
+
+    Empty slots sort last, past offsets[n], so no segment reads them (a batch-level coder's padded
+    code can be mostly empty slots: one huge-norm token widens every row)."""
+    keys_e = torch.where(valid_bk, indices_bk, n_latents).reshape(-1)
     if keys_e.is_cuda:
         sorted_e, order_e = torch.sort(keys_e, stable=True)
     else:
@@ -87,7 +92,7 @@ class _Decode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_values = (prims.gather_dot(W_nd, idx_bk, grad_bd) * valid_bk).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:
-            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, W_nd.shape[0])
+            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, valid_bk, W_nd.shape[0])
             weights_e = weights_bk.reshape(-1)[order_e]
             grad_W = prims.segment_sum(grad_bd, tokens_e, weights_e, offsets_n1).to(W_nd.dtype)
         if ctx.needs_input_grad[3]:
@@ -121,7 +126,7 @@ class _EncodeSelected(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = prims.gather_sum(W_enc_nd, idx_bk, weights_bk).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, n_latents)
+            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, valid_bk, n_latents)
             weights_e = weights_bk.reshape(-1)[order_e]
             grad_W = prims.segment_sum(x_bd, tokens_e, weights_e, offsets_n1).to(W_dtype)
         if ctx.needs_input_grad[2]:

@@ -18,7 +18,14 @@ def gather_sum(
     bias_d: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[b] = sum_j weights[b, j] * table[indices[b, j]] (+ bias), in the table's dtype."""
-    out_bd = F.embedding_bag(indices_bk, table_nd, per_sample_weights=weights_bk.to(table_nd.dtype), mode="sum")
+    weights_bk = weights_bk.to(table_nd.dtype)
+    used_bk = weights_bk != 0
+    if used_bk.float().mean() < 0.5:
+        # Mostly empty slots (a padded code of uneven rows): bag only the used entries.
+        offsets_b = torch.cumsum(used_bk.sum(1), 0) - used_bk.sum(1)
+        out_bd = F.embedding_bag(indices_bk[used_bk], table_nd, offsets_b, mode="sum", per_sample_weights=weights_bk[used_bk])
+    else:
+        out_bd = F.embedding_bag(indices_bk, table_nd, per_sample_weights=weights_bk, mode="sum")
     return out_bd if bias_d is None else out_bd.add_(bias_d)
 
 

@@ -49,11 +49,13 @@ def test_triton_interpreted():
 
 def sparse_code(B, k, n, *, seed=0, ragged=False, device=DEVICE, index_dtype=torch.int64):
     """Random (indices, values) with repeats across rows; ragged rows end in -1 sentinels,
-    and the last row of a ragged code is empty."""
+    and the last row of a ragged code is empty. ragged="one_wide_row": the first row is full and
+    the others hold at most one entry, the padded code of a huge-norm token in a batch-level coder."""
     g = torch.Generator().manual_seed(seed)
     indices_bk = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)]) if k <= n else torch.randint(0, n, (B, k), generator=g)
     if ragged:
-        lengths_b = torch.randint(0, k + 1, (B,), generator=g)
+        lengths_b = torch.randint(0, 2 if ragged == "one_wide_row" else k + 1, (B,), generator=g)
+        lengths_b[0] = k if ragged == "one_wide_row" else lengths_b[0]
         lengths_b[-1] = 0
         indices_bk[torch.arange(k)[None, :] >= lengths_b[:, None]] = -1
     values_bk = torch.randn(B, k, generator=g)
@@ -90,6 +92,7 @@ CASES = {
     "k1": (10, 1, 50, 33, False),
     "k_exceeds_n": (6, 9, 4, 10, False),
     "long_rows_wide_d": (4, 40, 300, 300, True),
+    "one_wide_row": (10, 24, 40, 17, "one_wide_row"),
 }
 
 
