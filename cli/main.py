@@ -28,6 +28,21 @@ ARCHS = ", ".join(REGISTRY)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, ImportError)
 
 
+# Architecture-specific options, shared by `train` and `compare` (None: the architecture's default).
+KAux = Annotated[Optional[int], typer.Option(help=CODER_DOC["k_aux"])]
+AuxCoef = Annotated[Optional[float], typer.Option(help=CODER_DOC["aux_coef"])]
+Beta = Annotated[Optional[float], typer.Option(help=CODER_DOC["beta"])]
+ThresholdRate = Annotated[Optional[float], typer.Option(help=CODER_DOC["threshold_rate"])]
+ZipfExponent = Annotated[Optional[float], typer.Option(help=CODER_DOC["zipf_exponent"])]
+DensityRate = Annotated[Optional[float], typer.Option(help=CODER_DOC["density_rate"])]
+UnderuseFactor = Annotated[Optional[float], typer.Option(help=CODER_DOC["underuse_factor"])]
+MaxNormRatio = Annotated[Optional[float], typer.Option(help=TRAIN_DOC["max_norm_ratio"])]
+
+
+def coder_options(**options) -> dict:
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def user_errors(command):
     """Turn the library's errors about bad input into one clear line and exit code 2."""
 
@@ -62,13 +77,13 @@ def train(
     transcode: Annotated[bool, typer.Option(help=RUN_DOC["transcode"])] = False,
     target_hook: Annotated[Optional[str], typer.Option(help=RUN_DOC["target_hook"])] = None,
     skip: Annotated[bool, typer.Option(help=RUN_DOC["skip"])] = False,
-    k_aux: Annotated[Optional[int], typer.Option(help=CODER_DOC["k_aux"])] = None,
-    aux_coef: Annotated[Optional[float], typer.Option(help=CODER_DOC["aux_coef"])] = None,
-    beta: Annotated[Optional[float], typer.Option(help=CODER_DOC["beta"])] = None,
-    threshold_rate: Annotated[Optional[float], typer.Option(help=CODER_DOC["threshold_rate"])] = None,
-    zipf_exponent: Annotated[Optional[float], typer.Option(help=CODER_DOC["zipf_exponent"])] = None,
-    density_rate: Annotated[Optional[float], typer.Option(help=CODER_DOC["density_rate"])] = None,
-    underuse_factor: Annotated[Optional[float], typer.Option(help=CODER_DOC["underuse_factor"])] = None,
+    k_aux: KAux = None,
+    aux_coef: AuxCoef = None,
+    beta: Beta = None,
+    threshold_rate: ThresholdRate = None,
+    zipf_exponent: ZipfExponent = None,
+    density_rate: DensityRate = None,
+    underuse_factor: UnderuseFactor = None,
     dataset: Annotated[str, typer.Option(help=DATA_DOC["dataset"])] = DATA.dataset,
     context_size: Annotated[int, typer.Option(help=DATA_DOC["context_size"])] = DATA.context_size,
     text_field: Annotated[str, typer.Option(help=DATA_DOC["text_field"])] = DATA.text_field,
@@ -80,6 +95,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help=TRAIN_DOC["lr"])] = None,
     warmup_steps: Annotated[int, typer.Option(help=TRAIN_DOC["warmup_steps"])] = TRAIN.warmup_steps,
     dead_tokens: Annotated[int, typer.Option(help=TRAIN_DOC["dead_tokens"])] = TRAIN.dead_tokens,
+    max_norm_ratio: MaxNormRatio = None,
     eval_every: Annotated[int, typer.Option(help=TRAIN_DOC["eval_every"])] = TRAIN.eval_every,
     checkpoint_every: Annotated[int, typer.Option(help=TRAIN_DOC["checkpoint_every"])] = TRAIN.checkpoint_every,
     seed: Annotated[int, typer.Option(help=TRAIN_DOC["seed"])] = TRAIN.seed,
@@ -97,20 +113,20 @@ def train(
     """Train a sparse coder on a model's activations and evaluate it on held-out text."""
     from interp.run import train_run
 
-    options = {
-        "k_aux": k_aux, "aux_coef": aux_coef, "beta": beta, "threshold_rate": threshold_rate,
-        "zipf_exponent": zipf_exponent, "density_rate": density_rate, "underuse_factor": underuse_factor,
-    }
+    options = coder_options(
+        k_aux=k_aux, aux_coef=aux_coef, beta=beta, threshold_rate=threshold_rate, zipf_exponent=zipf_exponent,
+        density_rate=density_rate, underuse_factor=underuse_factor,
+    )
     cfg = RunConfig(
         model=model, hook=hook, arch=arch, k=k, expansion=expansion, latents=latents, transcode=transcode,
-        target_hook=target_hook, skip=skip, coder_options={name: v for name, v in options.items() if v is not None},
+        target_hook=target_hook, skip=skip, coder_options=options,
         activations=str(activations) if activations else None,
         data=DataConfig(dataset=dataset, context_size=context_size, text_field=text_field),
         model_batch=model_batch, buffer_tokens=buffer_tokens, eval_tokens=eval_tokens,
         splice_tokens=splice_tokens, device=device, dtype=dtype,
         train=TrainConfig(
             tokens=tokens, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, dead_tokens=dead_tokens,
-            eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, wandb_project=wandb_project,
+            max_norm_ratio=max_norm_ratio, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, wandb_project=wandb_project,
         ),
     )
     if out is None:
@@ -204,6 +220,14 @@ def compare_archs(
     lr: Annotated[Optional[float], typer.Option(help=TRAIN_DOC["lr"])] = None,
     warmup_steps: Annotated[int, typer.Option(help=TRAIN_DOC["warmup_steps"])] = TRAIN.warmup_steps,
     dead_tokens: Annotated[int, typer.Option(help=TRAIN_DOC["dead_tokens"])] = TRAIN.dead_tokens,
+    max_norm_ratio: MaxNormRatio = None,
+    k_aux: KAux = None,
+    aux_coef: AuxCoef = None,
+    beta: Beta = None,
+    threshold_rate: ThresholdRate = None,
+    zipf_exponent: ZipfExponent = None,
+    density_rate: DensityRate = None,
+    underuse_factor: UnderuseFactor = None,
     buffer_tokens: Annotated[int, typer.Option(help=RUN_DOC["buffer_tokens"])] = RUN.buffer_tokens,
     eval_tokens: Annotated[int, typer.Option(help=RUN_DOC["eval_tokens"])] = RUN.eval_tokens,
     splice_tokens: Annotated[int, typer.Option(help=RUN_DOC["splice_tokens"])] = RUN.splice_tokens,
@@ -213,10 +237,17 @@ def compare_archs(
     """Train several architectures on the same cached activations at matched sparsity; write a table and a figure."""
     from interp.compare import CompareConfig, compare
 
+    options = coder_options(
+        k_aux=k_aux, aux_coef=aux_coef, beta=beta, threshold_rate=threshold_rate, zipf_exponent=zipf_exponent,
+        density_rate=density_rate, underuse_factor=underuse_factor,
+    )
     base = RunConfig(
         hook=hook or "", expansion=expansion, latents=latents, activations=str(activations), buffer_tokens=buffer_tokens,
-        eval_tokens=eval_tokens, splice_tokens=splice_tokens, device=device,
-        train=TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, dead_tokens=dead_tokens, eval_every=0),
+        eval_tokens=eval_tokens, splice_tokens=splice_tokens, device=device, coder_options=options,
+        train=TrainConfig(
+            tokens=tokens, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, dead_tokens=dead_tokens,
+            max_norm_ratio=max_norm_ratio, eval_every=0,
+        ),
     )
     defaults = CompareConfig(base)
     cfg = CompareConfig(base, archs=arch or defaults.archs, ks=k or defaults.ks, seeds=seed or defaults.seeds)

@@ -5,6 +5,9 @@ width, tokens, batch size and schedule; k is the sparsity budget (exactly k late
 TopK and g-SAE, k per token on average for the batch-level coders). Each run is evaluated on the
 same held-out text, so the table's mean L0 says how well the budgets were matched at inference.
 
+With `max_norm_ratio`, the token-norm bound is computed once from the store and shared by every
+run, so all of them are trained and evaluated on the same tokens.
+
 All runs are trained first, then evaluated together: the held-out activations and the clean and
 zero-ablated model passes, which every run shares, are computed once.
 
@@ -19,8 +22,10 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 from interp.activation_store import read_manifest
 from interp.atomic import write_json
@@ -34,7 +39,7 @@ from interp.run import (
     heldout_token_batches,
     train_run,
 )
-from interp.sae import load_sae
+from interp.sae import coder_class, load_sae
 from interp.train import CHECKPOINT
 
 COLUMNS = {
@@ -71,11 +76,19 @@ def compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
     compare.md and compare.html."""
     if not cfg.base.activations:
         raise ValueError("a comparison trains every architecture on the same cached activations: pass --activations")
+    unknown = set(cfg.base.coder_options) - set().union(*(option_names(arch) for arch in cfg.archs))
+    if unknown:
+        raise ValueError(f"options {sorted(unknown)} belong to none of the compared architectures {cfg.archs}")
     manifest = read_manifest(Path(cfg.base.activations))
     cfg.base.model = manifest.model
     cfg.base.hook = cfg.base.hook or manifest.hooks[0]
     # Held-out evaluation runs on the text the store was made from, as train_run's does.
     cfg.base.data = DataConfig(manifest.dataset, manifest.context_size, cfg.base.data.text_field)
+    if cfg.base.train.max_norm_ratio is not None and "max_input_norm" not in cfg.base.coder_options:
+        # One bound for every run (from the store's first shard), so that all runs cover the same
+        # tokens and share the clean and zero-ablated passes.
+        norms = load_file(Path(cfg.base.activations) / manifest.shards[0]["file"])[cfg.base.hook].float().norm(dim=1)
+        cfg.base.coder_options["max_input_norm"] = cfg.base.train.max_norm_ratio * norms.median().item()
     out = Path(out)
     keys = [(arch, k, seed) for k in cfg.ks for arch in cfg.archs for seed in cfg.seeds]
     folders = {key: out / "runs" / run_name(*key) for key in keys}
@@ -97,9 +110,15 @@ def compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
     return result
 
 
+def option_names(arch: str) -> set[str]:
+    return {f.name for f in fields(coder_class(arch).config_class)}
+
+
 def _train(base: RunConfig, arch: str, k: int, seed: int, run_dir: Path, progress: bool) -> None:
     cfg = copy.deepcopy(base)
     cfg.arch, cfg.k, cfg.train.seed = arch, k, seed
+    # An architecture-specific option (say g-SAE's beta) goes to the architectures that have it.
+    cfg.coder_options = {name: v for name, v in base.coder_options.items() if name in option_names(arch)}
     resume = (run_dir / CHECKPOINT).exists()  # a comparison killed mid-run continues it
     metrics = train_run(cfg, run_dir, resume=resume, progress=progress, evaluate=False)[2]
     write_json(run_dir / SPEED_FILE, metrics)

@@ -10,6 +10,9 @@ Definitions (all measured on held-out text):
   coder's reconstruction at every position but BOS; clean loss: the model untouched; zero-ablated
   loss: the same positions set to zero.
 - loss recovered: (zero - spliced) / (zero - clean); 1 means the coder loses nothing.
+- A coder trained with a norm bound (`max_input_norm`, from training's max_norm_ratio) does not
+  cover tokens above it: they are left out of FVU, L0 and densities (their share is reported as
+  outlier_frac) and stay clean in the spliced and the zero-ablated passes alike, as BOS does.
 - KL: mean over predicted positions of KL(p_clean || p_spliced) of the next-token distributions.
 """
 
@@ -39,8 +42,12 @@ def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -
     active = tokens = 0
     was_training = coder.training
     coder.eval()
+    outliers = 0
     for batch in batches:
-        x, y = batch[hook].to(device), batch[target_hook].to(device).double()
+        x, y = batch[hook].to(device), batch[target_hook].to(device)
+        keep = coder.inliers(x)
+        outliers += int((~keep).sum())
+        x, y = x[keep], y[keep].double()
         code = coder.encode(x)
         y_hat = coder.reconstruct(x, code).double()
         squared_error += (y - y_hat).pow(2).sum()
@@ -61,6 +68,7 @@ def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -
         "dead_frac": (fires == 0).double().mean().item(),
         "dense_frac": (density > DENSE_DENSITY).double().mean().item(),
         "eval_tokens": tokens,
+        "outlier_frac": outliers / (tokens + outliers),
     }
 
 
@@ -80,6 +88,9 @@ def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[Toke
     hooks = {(coder.cfg.hook, coder.cfg.target_hook or coder.cfg.hook) for coder in coders}
     if len(hooks) != 1:
         raise ValueError(f"coders spliced together must read and write the same hooks, got {sorted(hooks)}")
+    bounds = {coder.cfg.max_input_norm for coder in coders}
+    if len(bounds) != 1:
+        raise ValueError(f"coders spliced together must share max_input_norm (they share the clean and zero passes), got {sorted(bounds, key=str)}")
     read_hook, write_hook = (model.hook_dict[name].name for name in hooks.pop())
     reference = {"clean": 0.0, "zero": 0.0}
     totals = [{"spliced": 0.0, "kl": 0.0} for _ in coders]
@@ -101,7 +112,9 @@ def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[Toke
             flat[mask] = 0
             return flat.reshape(act.shape)
 
-        clean_logits = model(tokens).float()
+        clean_logits = model.run_with_hooks(tokens, fwd_hooks=[(read_hook, read)]).float()
+        # Tokens outside the coders' domain (max_input_norm) stay clean in every pass, as BOS does.
+        mask = mask.masked_scatter(mask, coders[0].inliers(seen["input"]))
         zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(write_hook, zero)]).float()
         n = tokens[:, 1:].numel()
         reference["clean"] += _next_token_loss(clean_logits, tokens) * n

@@ -49,6 +49,8 @@ class TrainConfig:
     """Maximum global gradient norm."""
     dead_tokens: int = 200_000
     """A latent that has not fired for this many tokens counts as dead (Gao et al. use 10M at scale)."""
+    max_norm_ratio: float | None = None
+    """Leave out tokens whose activation norm exceeds this multiple of the first batch's median norm: massive-activation tokens (attention sinks; in SmolLM2 a few hundred times the median) that would otherwise dominate the loss. Sets the coder's max_input_norm."""
     b_dec_init: str = "geometric_median"
     """Decoder bias initialisation from the first batch: 'geometric_median' or 'mean'."""
     eval_every: int = 100
@@ -61,6 +63,10 @@ class TrainConfig:
     """Seed for the coder's initialisation and the data order."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project."""
+
+    def __post_init__(self):
+        if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
+            raise ValueError(f"max_norm_ratio multiplies the median token norm and must be > 1, got {self.max_norm_ratio}")
 
     @property
     def steps(self) -> int:
@@ -120,7 +126,8 @@ class Trainer:
         for index, state in self.optimizer.state_dict()["state"].items():
             tensors.update({f"optim.{index}.{name}": value for name, value in state.items()})
         tensors["tokens_since_fired"] = self.tokens_since_fired
-        meta = {"step": self.step, "buffer": asdict(self.buffer_state), "train": asdict(self.cfg)}
+        meta = {"step": self.step, "buffer": asdict(self.buffer_state), "train": asdict(self.cfg),
+                "max_input_norm": self.coder.cfg.max_input_norm}
         write_tensors(self.run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
         self.coder.save(self.run_dir)
 
@@ -151,6 +158,7 @@ class Trainer:
         self.optimizer.load_state_dict(optim)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.step = meta["step"]
+        self.coder.cfg.max_input_norm = meta.get("max_input_norm")
         self.buffer_state = BufferState(**meta["buffer"])
         self._truncate_log()
 
@@ -165,6 +173,9 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict:
         coder, cfg = self.coder, self.cfg
+        if coder.cfg.max_input_norm is not None:
+            keep = coder.inliers(batch[coder.cfg.hook])
+            batch = {key: value[keep] for key, value in batch.items()}
         x = batch[coder.cfg.hook]
         target = batch[coder.cfg.target_hook] if coder.cfg.target_hook else None
         context = {"dead_mask": self.tokens_since_fired > cfg.dead_tokens}
@@ -183,7 +194,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         coder.remove_parallel_grads()
-        torch.nn.utils.clip_grad_norm_(coder.parameters(), cfg.grad_clip)
+        grads = [p.grad for p in coder.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads)
+        if total_norm > cfg.grad_clip:  # scaling by 1 would be a wasted pass over every gradient
+            torch.nn.utils.clip_grads_with_norm_(coder.parameters(), cfg.grad_clip, total_norm)
         self.optimizer.step()
         coder.normalize_decoder()
         with torch.no_grad():
@@ -203,7 +217,14 @@ class Trainer:
         }
 
     def initialize(self, batch: dict[str, torch.Tensor]) -> None:
-        """Input/target scales and decoder bias from the first batch (a fresh run only)."""
+        """Input/target scales, decoder bias and the input-norm bound from the first batch (a
+        fresh run only)."""
+        coder = self.coder
+        if self.cfg.max_norm_ratio is not None and coder.cfg.max_input_norm is None:
+            norms = batch[coder.cfg.hook].float().norm(dim=1)
+            coder.cfg.max_input_norm = self.cfg.max_norm_ratio * norms.median().item()
+        keep = coder.inliers(batch[coder.cfg.hook])
+        batch = {key: value[keep] for key, value in batch.items()}
         x = batch[self.coder.cfg.hook]
         target = batch[self.coder.cfg.target_hook] if self.coder.cfg.target_hook else None
         self.coder.fit_normalization(x, target)

@@ -8,6 +8,7 @@ from interp.data import DataConfig
 from interp.metrics import splice_metrics
 from interp.run import RunConfig, heldout_token_batches, target_hook, train_run
 from interp.sae import REGISTRY, create_coder, load_sae
+from interp.sae.allocation import batch_topk
 from interp.sae.choice import underused_by_zipf, zipf_capacities
 from interp.train import TrainConfig
 
@@ -109,6 +110,22 @@ def test_mutual_choice_spends_exactly_its_budget(arch):
     assert torch.equal(dense(code) > 0, pre >= pre.flatten().topk(K * B).values.min())
 
 
+@pytest.mark.parametrize("crowded_rows", [0, 1, 7])
+def test_batch_topk_equals_one_global_topk(crowded_rows):
+    # Rows that hold far more than their share (huge-norm tokens do) force the candidate widening.
+    pre = torch.randn(64, 300, generator=torch.Generator().manual_seed(crowded_rows))
+    pre[:crowded_rows] += 6.0
+    budget = 5 * 64
+    rows, cols, values = batch_topk(pre, budget)
+    expected = pre.flatten().topk(budget).values
+    expected = expected[expected > 0]
+    assert torch.equal(values.sort().values, expected.sort().values)
+    assert torch.equal(pre[rows, cols], values)
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == len(values)
+    if crowded_rows:
+        assert int((rows < crowded_rows).sum()) > 4 * 5 * crowded_rows
+
+
 def test_feature_choice_respects_each_capacity():
     coder = make("feature_choice")
     x, _ = data()
@@ -129,6 +146,19 @@ def test_zipf_capacities():
     assert (uniform == 2).all()
     zipf = zipf_capacities(64, 4 * 32, 32, exponent=1.0)
     assert (zipf[:-1] >= zipf[1:]).all() and zipf.max() <= 32 and zipf.min() >= 1 and zipf[0] > zipf[-1]
+    assert int(zipf.sum()) == 4 * 32
+
+
+def test_zipf_capacities_redistribute_what_the_batch_cannot_hold():
+    # At k = 16, n = 2304, B = 4096 the first latents' Zipf share exceeds the batch: they are
+    # capped at B and the rest of the budget still goes to the others.
+    B, n, k = 4096, 2304, 16
+    capacity = zipf_capacities(n, k * B, B, exponent=1.0)
+    assert int(capacity.sum()) == k * B
+    assert capacity[0] == B and capacity.max() == B and (capacity[:-1] >= capacity[1:]).all()
+    free = capacity < B
+    ratio = capacity[free].double() / (1 / torch.arange(1, n + 1, dtype=torch.float64))[free]
+    assert ratio.max() / ratio.min() < 1.5  # still Zipf below the cap (up to integer rounding)
 
 
 def test_underused_latents_fall_under_the_zipf_law():

@@ -1,11 +1,13 @@
 import json
 
 import pytest
+from safetensors.torch import load_file
 
 from interp import compare as compare_module
 from interp.compare import COLUMNS, CompareConfig, compare
 from interp.data import DataConfig
 from interp.run import RunConfig, cache_run
+from interp.sae import load_sae
 from interp.train import TrainConfig
 
 
@@ -39,3 +41,21 @@ def test_compare_writes_table_json_and_figure(store, tmp_path, monkeypatch):
 def test_compare_needs_a_store(tmp_path):
     with pytest.raises(ValueError, match="--activations"):
         compare(CompareConfig(RunConfig()), tmp_path)
+
+
+def test_compare_gives_each_architecture_its_own_options_and_one_norm_bound(store, tmp_path):
+    base = RunConfig(hook="", expansion=2, activations=str(store), buffer_tokens=512, eval_tokens=200, splice_tokens=60,
+                     coder_options={"beta": 3.0}, train=TrainConfig(tokens=256, batch_size=128, eval_every=0, max_norm_ratio=1.05))
+    compare(CompareConfig(base, archs=["topk", "gradient"], ks=[4], seeds=[0]), tmp_path, progress=False)
+    topk, gradient = (load_sae(tmp_path / "runs" / f"{arch}-k4-s0") for arch in ("topk", "gradient"))
+    assert gradient.cfg.beta == 3.0 and not hasattr(topk.cfg, "beta")
+    first_shard = load_file(store / "shard_00000.safetensors")["blocks.0.hook_resid_post"]
+    bound = 1.05 * first_shard.norm(dim=1).median().item()
+    assert topk.cfg.max_input_norm == gradient.cfg.max_input_norm == pytest.approx(bound)
+    assert 0 < json.loads((tmp_path / "runs" / "topk-k4-s0" / "eval.json").read_text())["outlier_frac"] < 0.6
+
+
+def test_compare_rejects_an_option_no_architecture_has(store, tmp_path):
+    base = RunConfig(activations=str(store), coder_options={"zipf_exponent": 0.5})
+    with pytest.raises(ValueError, match="none of the compared architectures"):
+        compare(CompareConfig(base, archs=["topk", "gradient"]), tmp_path)

@@ -117,3 +117,34 @@ def test_learning_rate_schedule():
     factors = [lr_factor(s, cfg) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1 and factors[79] == 1
     assert factors[90] == pytest.approx(0.5) and factors[-1] == pytest.approx(0.05)
+
+
+def test_tokens_above_the_norm_bound_are_left_out_of_training(tmp_path):
+    chunk = next(SyntheticChunks(rows=32).chunks())[HOOK]
+    huge = chunk[:3] * 500  # massive-activation tokens, as attention sinks have
+    with_outliers = torch.cat([chunk[:10], huge, chunk[10:]])
+
+    def trained(batch, **overrides):
+        trainer = make_trainer(tmp_path / str(len(batch)), **overrides)
+        trainer.initialize({HOOK: batch})
+        for _ in range(3):
+            trainer.train_step({HOOK: batch})
+        return trainer.coder
+
+    bounded = trained(with_outliers, max_norm_ratio=10.0)
+    median = with_outliers.norm(dim=1).median().item()
+    assert bounded.cfg.max_input_norm == pytest.approx(10 * median)
+    clean = trained(chunk)
+    for name, tensor in clean.state_dict().items():
+        assert torch.equal(tensor, bounded.state_dict()[name]), name
+
+
+def test_the_norm_bound_survives_resume_and_must_exceed_the_median(tmp_path):
+    trainer = make_trainer(tmp_path, max_norm_ratio=4.0)
+    trainer.run()
+    resumed = make_trainer(tmp_path, max_norm_ratio=4.0)
+    resumed.load_checkpoint()
+    assert resumed.coder.cfg.max_input_norm == trainer.coder.cfg.max_input_norm is not None
+    assert load_sae(tmp_path).cfg.max_input_norm == trainer.coder.cfg.max_input_norm
+    with pytest.raises(ValueError, match="must be > 1"):
+        TrainConfig(max_norm_ratio=0.5)

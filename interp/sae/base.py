@@ -50,6 +50,8 @@ class CoderConfig:
     """Add a linear skip connection W_skip (d_out x d_in) from input to output (skip transcoder, Paulo et al. 2025)."""
     model: str = ""
     """Name of the model the coder was trained on, as given to interp.load_model."""
+    max_input_norm: float | None = None
+    """Tokens whose input norm (model units) exceeds this are outside the coder's domain: left out of training and evaluation, and left unchanged when spliced (set by training's max_norm_ratio)."""
 
     def __post_init__(self):
         if self.d_in <= 0 or self.n_latents <= 0:
@@ -99,6 +101,12 @@ class SparseCoder(nn.Module):
         """Free-form facts saved in cfg.json (training settings, evaluation)."""
 
     # --- encode / decode -------------------------------------------------------------------
+
+    def inliers(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens,) bool: which rows of `x` the coder covers (all of them unless max_input_norm is set)."""
+        if self.cfg.max_input_norm is None:
+            return torch.ones(len(x), dtype=torch.bool, device=x.device)
+        return x.float().norm(dim=1) <= self.cfg.max_input_norm
 
     def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.W_enc.dtype) * self.in_scale
@@ -205,8 +213,9 @@ class SparseCoder(nn.Module):
         after every step, that component would only change their norm and be undone."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        # In place, without an (n, d) temporary: at n = 9216 the two products cost 7 ms a step.
+        parallel_n = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
+        self.W_dec.grad.addcmul_(parallel_n[:, None], self.W_dec, value=-1)
 
     # --- folder format ---------------------------------------------------------------------
 
