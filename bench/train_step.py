@@ -7,7 +7,8 @@ Every contender trains on the same activations, already in memory, with Adam. in
 real trainer step (interp.train.Trainer.train_step: forward, FVU + AuxK, sparse backward through
 interp.kernels, decoder-parallel gradient removed, clipping, Adam, decoder renormalised).
 The peers run in their own virtual environments under bench/.peers/ (created on first use,
-with this environment's torch version), through the runners in bench/peers/. The last line is
+with this environment's torch version), through the runners in bench/peers/. Every contender is
+measured in each of --rounds interleaved rounds and the medians are compared. The last line is
 `train-step tok/s: interp=N floor=N sparsify=N saelens=N`; a peer that cannot run prints NA,
 with the reason on the line before.
 """
@@ -15,6 +16,7 @@ with the reason on the line before.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,11 +36,14 @@ LOCAL_WHEELS = Path("/opt/wheels")
 
 
 def floor(x_bd: torch.Tensor, n: int, k: int, steps: int) -> float:
+    """Each token's top-k pre-activations, written into one reused buffer (as interp's coders do
+    on the CPU: fresh memory for z each step costs page faults)."""
     W_enc_nd = torch.randn(n, x_bd.shape[1]) / x_bd.shape[1] ** 0.5
     b_enc_n = torch.zeros(n)
+    pre_bn = torch.empty(len(x_bd), n)
 
     def step():
-        torch.addmm(b_enc_n, x_bd, W_enc_nd.T).topk(k, dim=1)
+        torch.addmm(b_enc_n, x_bd, W_enc_nd.T, out=pre_bn).topk(k, dim=1)
 
     return tokens_per_second(step, len(x_bd), steps)
 
@@ -88,20 +93,32 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="Measure every contender this many times, interleaved; report medians.")
     args = parser.parse_args()
-    print(f"d={args.d} n={args.n} k={args.k} tokens={args.tokens} fp32, {torch.get_num_threads()} threads")
+    print(f"d={args.d} n={args.n} k={args.k} tokens={args.tokens} fp32, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds")
 
     x_bd = activations(args.tokens, args.d)
-    results = {
-        "interp": interp_step(x_bd, args.n, args.k, args.steps),
-        "floor": floor(x_bd, args.n, args.k, args.steps),
-    }
-    for name in PEERS:
-        try:
-            results[name] = peer(name, args.d, args.n, args.k, args.tokens, args.steps)
-        except (RuntimeError, OSError, ValueError, subprocess.CalledProcessError) as err:
-            print(f"{name}: NA because {err}")
-            results[name] = None
+    # Interleaved rounds: a shared machine's slow spells then hit every contender alike, and the
+    # median drops a round that one of them had to itself.
+    rounds: dict[str, list[float]] = {name: [] for name in ("interp", "floor", *PEERS)}
+    failed: dict[str, str] = {}
+    for _ in range(args.rounds):
+        rounds["interp"].append(interp_step(x_bd, args.n, args.k, args.steps))
+        rounds["floor"].append(floor(x_bd, args.n, args.k, args.steps))
+        for name in PEERS:
+            if name in failed:
+                continue
+            try:
+                rounds[name].append(peer(name, args.d, args.n, args.k, args.tokens, args.steps))
+            except (RuntimeError, OSError, ValueError, subprocess.CalledProcessError) as err:
+                failed[name] = str(err)
+    for name, reason in failed.items():
+        print(f"{name}: NA because {reason}")
+    for name, values in rounds.items():
+        if values:
+            print(f"{name}: " + " ".join(f"{v:.0f}" for v in values))
+    results = {name: statistics.median(values) if values else None for name, values in rounds.items()}
 
     ours = results["interp"]
     for name, value in results.items():

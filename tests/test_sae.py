@@ -23,6 +23,21 @@ def test_topk_keeps_exactly_k_relu_latents():
     torch.testing.assert_close(sae.decode(code), dense @ sae.W_dec + sae.b_dec)
 
 
+def test_reused_preactivation_buffer_leaks_into_no_result():
+    torch.manual_seed(0)
+    sae = create_coder("topk", d_in=12, n_latents=40, k=5, hook="h")
+    x1, x2 = torch.randn(30, 12), torch.randn(50, 12) * 3
+    code1 = sae.encode(x1)
+    kept = [t.clone() for t in code1]
+    out2 = sae(x2)
+    sae.encode(x1[:7])
+    assert all(torch.equal(a, b) for a, b in zip(code1, kept))
+    fresh = create_coder("topk", d_in=12, n_latents=40, k=5, hook="h")
+    fresh.load_state_dict(sae.state_dict())
+    torch.testing.assert_close(fresh(x2).x_hat, out2.x_hat, rtol=0, atol=0)
+    assert sae._preacts_workspace.shape == (50, 40)  # grown once, then reused
+
+
 def test_k_larger_than_latents_is_rejected():
     with pytest.raises(ValueError, match="k must be between 1 and the number of latents"):
         make(n=8, k=9)

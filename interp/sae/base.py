@@ -99,6 +99,7 @@ class SparseCoder(nn.Module):
         self.register_buffer("out_scale", torch.ones(()))
         self.meta: dict = {}
         """Free-form facts saved in cfg.json (training settings, evaluation)."""
+        self._preacts_workspace: torch.Tensor | None = None
 
     # --- encode / decode -------------------------------------------------------------------
 
@@ -111,11 +112,24 @@ class SparseCoder(nn.Module):
     def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.W_enc.dtype) * self.in_scale
 
-    def preacts(self, x_norm: torch.Tensor) -> torch.Tensor:
+    def preacts(self, x_norm: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Dense pre-activations z (tokens, n): the one dense product, computed without autograd;
         gradients reach the weights through `kernels.encode_selected` at the active latents only."""
         with torch.no_grad():
-            return torch.addmm(self.b_enc, self.encoder_input(x_norm), self.W_enc.t())
+            return torch.addmm(self.b_enc, self.encoder_input(x_norm), self.W_enc.t(), out=out)
+
+    def preacts_workspace(self, x_norm: torch.Tensor) -> torch.Tensor | None:
+        """A (tokens, n) buffer that `encode` and `forward` reuse for z on the CPU, where a fresh
+        one is fresh memory from the system: first touching its pages cost 45 ms of a 340 ms
+        training step (4096 tokens x 9216 latents, 2 cores). None on GPUs, whose allocator
+        already reuses memory. z never outlives the call that computes it."""
+        if x_norm.device.type != "cpu":
+            return None
+        rows, workspace = len(x_norm), self._preacts_workspace
+        if workspace is None or workspace.shape[0] < rows or workspace.dtype != self.W_enc.dtype:
+            workspace = torch.empty(rows, self.cfg.n_latents, dtype=self.W_enc.dtype)
+            self._preacts_workspace = workspace
+        return workspace[:rows]
 
     def encoder_input(self, x_norm: torch.Tensor) -> torch.Tensor:
         # An SAE subtracts its decoder bias before encoding; a transcoder's input and output
@@ -135,7 +149,7 @@ class SparseCoder(nn.Module):
 
     def encode(self, x: torch.Tensor, **context) -> SparseCode:
         x_norm = self.normalized_input(x)
-        pre_bn = self.preacts(x_norm)
+        pre_bn = self.preacts(x_norm, out=self.preacts_workspace(x_norm))
         indices_bk = self.select(pre_bn, **context)
         return SparseCode(indices_bk, self.active_values(x_norm, indices_bk, pre_bn))
 
@@ -156,7 +170,7 @@ class SparseCoder(nn.Module):
         `context` carries what a family may use in training (e.g. `dead_mask`, `grad`)."""
         x_norm = self.normalized_input(x)
         target_norm = x_norm if target is None else target.to(self.W_dec.dtype) * self.out_scale
-        pre_bn = self.preacts(x_norm)
+        pre_bn = self.preacts(x_norm, out=self.preacts_workspace(x_norm))
         indices_bk = self.select(pre_bn, **context)
         values_bk = self.active_values(x_norm, indices_bk, pre_bn)
         x_hat_norm = kernels.decode(indices_bk, values_bk, self.W_dec, self.b_dec)
