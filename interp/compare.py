@@ -40,7 +40,7 @@ from interp.run import (
     train_run,
 )
 from interp.sae import coder_class, load_sae
-from interp.train import CHECKPOINT
+from interp.train import CHECKPOINT, norm_bound
 
 COLUMNS = {
     "fvu": "FVU",
@@ -87,8 +87,8 @@ def compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
     if cfg.base.train.max_norm_ratio is not None and "max_input_norm" not in cfg.base.coder_options:
         # One bound for every run (from the store's first shard), so that all runs cover the same
         # tokens and share the clean and zero-ablated passes.
-        norms = load_file(Path(cfg.base.activations) / manifest.shards[0]["file"])[cfg.base.hook].float().norm(dim=1)
-        cfg.base.coder_options["max_input_norm"] = cfg.base.train.max_norm_ratio * norms.median().item()
+        first_shard = load_file(Path(cfg.base.activations) / manifest.shards[0]["file"])
+        cfg.base.coder_options["max_input_norm"] = norm_bound(first_shard[cfg.base.hook], cfg.base.train.max_norm_ratio)
     out = Path(out)
     keys = [(arch, k, seed) for k in cfg.ks for arch in cfg.archs for seed in cfg.seeds]
     folders = {key: out / "runs" / run_name(*key) for key in keys}

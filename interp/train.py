@@ -50,7 +50,7 @@ class TrainConfig:
     dead_tokens: int = 200_000
     """A latent that has not fired for this many tokens counts as dead (Gao et al. use 10M at scale)."""
     max_norm_ratio: float | None = None
-    """Leave out tokens whose activation norm exceeds this multiple of the first batch's median norm: massive-activation tokens (attention sinks; in SmolLM2 a few hundred times the median) that would otherwise dominate the loss. Sets the coder's max_input_norm."""
+    """Leave out tokens whose activation norm exceeds this multiple of the first batch's median norm: massive-activation tokens (attention sinks; in SmolLM2's layer 12, 8 to 80 times the median) that would otherwise dominate the loss. Sets the coder's max_input_norm."""
     b_dec_init: str = "geometric_median"
     """Decoder bias initialisation from the first batch: 'geometric_median' or 'mean'."""
     eval_every: int = 100
@@ -74,6 +74,11 @@ class TrainConfig:
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 * math.sqrt(16384 / n_latents)
+
+
+def norm_bound(x: torch.Tensor, ratio: float) -> float:
+    """`ratio` times the median token norm of `x`: the max_input_norm that max_norm_ratio sets."""
+    return ratio * x.float().norm(dim=1).median().item()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -173,9 +178,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict:
         coder, cfg = self.coder, self.cfg
-        if coder.cfg.max_input_norm is not None:
-            keep = coder.inliers(batch[coder.cfg.hook])
-            batch = {key: value[keep] for key, value in batch.items()}
+        batch = self.covered(batch)
         x = batch[coder.cfg.hook]
         target = batch[coder.cfg.target_hook] if coder.cfg.target_hook else None
         context = {"dead_mask": self.tokens_since_fired > cfg.dead_tokens}
@@ -221,14 +224,19 @@ class Trainer:
         fresh run only)."""
         coder = self.coder
         if self.cfg.max_norm_ratio is not None and coder.cfg.max_input_norm is None:
-            norms = batch[coder.cfg.hook].float().norm(dim=1)
-            coder.cfg.max_input_norm = self.cfg.max_norm_ratio * norms.median().item()
-        keep = coder.inliers(batch[coder.cfg.hook])
-        batch = {key: value[keep] for key, value in batch.items()}
-        x = batch[self.coder.cfg.hook]
-        target = batch[self.coder.cfg.target_hook] if self.coder.cfg.target_hook else None
-        self.coder.fit_normalization(x, target)
-        self.coder.init_decoder_bias(x if target is None else target, self.cfg.b_dec_init)
+            coder.cfg.max_input_norm = norm_bound(batch[coder.cfg.hook], self.cfg.max_norm_ratio)
+        batch = self.covered(batch)
+        x = batch[coder.cfg.hook]
+        target = batch[coder.cfg.target_hook] if coder.cfg.target_hook else None
+        coder.fit_normalization(x, target)
+        coder.init_decoder_bias(x if target is None else target, self.cfg.b_dec_init)
+
+    def covered(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's rows whose input the coder covers (all of them, uncopied, without a norm bound)."""
+        if self.coder.cfg.max_input_norm is None:
+            return batch
+        keep = self.coder.inliers(batch[self.coder.cfg.hook])
+        return {key: value[keep] for key, value in batch.items()}
 
     def run(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg

@@ -22,7 +22,8 @@ def gather_sum(
     used_bk = weights_bk != 0
     if used_bk.float().mean() < 0.5:
         # Mostly empty slots (a padded code of uneven rows): bag only the used entries.
-        offsets_b = torch.cumsum(used_bk.sum(1), 0) - used_bk.sum(1)
+        counts_b = used_bk.sum(1)
+        offsets_b = torch.cumsum(counts_b, 0) - counts_b
         out_bd = F.embedding_bag(indices_bk[used_bk], table_nd, offsets_b, mode="sum", per_sample_weights=weights_bk[used_bk])
     else:
         out_bd = F.embedding_bag(indices_bk, table_nd, per_sample_weights=weights_bk, mode="sum")
