@@ -1,16 +1,20 @@
 """The sparse products as autograd Functions, over whichever primitives dispatch picked.
 
-Both products reduce to three primitives (implemented in torch_ops.py and triton_ops.py):
+Both products reduce to four primitives (implemented in torch_ops.py and triton_ops.py):
 - gather_sum:  out[b] = sum_j w[b, j] * T[idx[b, j]]              decode forward, encoder dx
 - gather_dot:  out[b, j] = <r[b], T[idx[b, j]]>                   decode d values, encode forward
 - segment_sum: the same gather-sum over CSR rows; with the active entries sorted by latent it
                is the scatter-add of outer products, d W = sum over (b, j) of w[b, j] r[b],
                written row by row without atomics                 decode d W_dec, encoder d W_enc
+- segment_sum_dot: segment_sum plus, for each entry, the dot of its gathered row with its CSR
+               row's table row: one pass by latent reads W_dec once for d W_dec and d values
+                                                                  decode backward
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from types import ModuleType
 
 import torch
@@ -58,19 +62,52 @@ def _serial_sort(keys_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _by_latent(
     indices_bk: torch.Tensor, valid_bk: torch.Tensor, n_latents: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The real entries grouped by latent: (order_e, tokens_e, offsets_n1) of a CSR (n, B) layout.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real entries grouped by latent: (order_e, offsets_n1) of a CSR (n, B) layout, order_e
+    listing flat positions into the code (entry p is token p // k).
 
     Empty slots sort last, past offsets[n], so no segment reads them (a batch-level coder's padded
     code can be mostly empty slots: one huge-norm token widens every row)."""
-    keys_e = torch.where(valid_bk, indices_bk, n_latents).reshape(-1)
+    # int32 keys sort faster, and n_latents + 1 fits.
+    keys_e = torch.where(valid_bk, indices_bk, n_latents).reshape(-1).to(torch.int32)
     if keys_e.is_cuda:
         sorted_e, order_e = torch.sort(keys_e, stable=True)
     else:
         sorted_e, order_e = _serial_sort(keys_e)
-    tokens_e = order_e // indices_bk.shape[1]
-    latents_n1 = torch.arange(n_latents + 1, device=indices_bk.device)
-    return order_e, tokens_e, torch.searchsorted(sorted_e, latents_n1)
+    latents_n1 = torch.arange(n_latents + 1, device=indices_bk.device, dtype=torch.int32)
+    return order_e, torch.searchsorted(sorted_e, latents_n1)
+
+
+class _LatentLayout:
+    """One code's entries grouped by latent (`_by_latent`), sorted on first use and shared by the
+    products of the same indices tensor: the decoder and encoder backward of one forward pass sort
+    once. A one-slot cache, checked by identity and version of the indices."""
+
+    _last: _LatentLayout | None = None
+
+    def __init__(self, indices_bk: torch.Tensor, n_latents: int):
+        self._indices = weakref.ref(indices_bk)
+        self._version = indices_bk._version
+        self._n_latents = n_latents
+        self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, indices_bk: torch.Tensor, n_latents: int) -> _LatentLayout:
+        last = cls._last
+        if (
+            last is None
+            or last._indices() is not indices_bk
+            or last._version != indices_bk._version
+            or last._n_latents != n_latents
+        ):
+            last = cls._last = cls(indices_bk, n_latents)
+        return last
+
+    def sorted(self, idx_bk: torch.Tensor, valid_bk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order_e, offsets_n1); idx_bk and valid_bk are the indices' `_without_sentinels`."""
+        if self._sorted is None:
+            self._sorted = _by_latent(idx_bk, valid_bk, self._n_latents)
+        return self._sorted
 
 
 class _Decode(torch.autograd.Function):
@@ -78,6 +115,7 @@ class _Decode(torch.autograd.Function):
     def forward(ctx, indices_bk, values_bk, W_nd, bias_d, prims):
         idx_bk, valid_bk = _without_sentinels(indices_bk)
         weights_bk = (values_bk * valid_bk).to(W_nd.dtype)
+        ctx.layout = _LatentLayout.of(indices_bk, W_nd.shape[0])
         ctx.prims, ctx.values_dtype = prims, values_bk.dtype
         ctx.bias_dtype = None if bias_d is None else bias_d.dtype
         ctx.save_for_backward(idx_bk, valid_bk, weights_bk, W_nd)
@@ -89,12 +127,19 @@ class _Decode(torch.autograd.Function):
         idx_bk, valid_bk, weights_bk, W_nd = ctx.saved_tensors
         prims = ctx.prims
         grad_values = grad_W = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grad_values = (prims.gather_dot(W_nd, idx_bk, grad_bd) * valid_bk).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:
-            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, valid_bk, W_nd.shape[0])
-            weights_e = weights_bk.reshape(-1)[order_e]
-            grad_W = prims.segment_sum(grad_bd, tokens_e, weights_e, offsets_n1).to(W_nd.dtype)
+            order_e, offsets_n1 = ctx.layout.sorted(idx_bk, valid_bk)
+            if ctx.needs_input_grad[1]:
+                # One pass by latent reads each row of W once for both gradients.
+                grad_W, grad_values = prims.segment_sum_dot(grad_bd, weights_bk, order_e, offsets_n1, W_nd)
+            else:
+                tokens_e = order_e // idx_bk.shape[1]
+                grad_W = prims.segment_sum(grad_bd, tokens_e, weights_bk.reshape(-1)[order_e], offsets_n1)
+            grad_W = grad_W.to(W_nd.dtype)
+        elif ctx.needs_input_grad[1]:
+            grad_values = prims.gather_dot(W_nd, idx_bk, grad_bd)
+        if grad_values is not None:
+            grad_values = (grad_values * valid_bk).to(ctx.values_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_bd.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return None, grad_values, grad_W, grad_bias, None
@@ -104,6 +149,7 @@ class _EncodeSelected(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk, prims):
         idx_bk, valid_bk = _without_sentinels(indices_bk)
+        ctx.layout = _LatentLayout.of(indices_bk, W_enc_nd.shape[0])
         ctx.prims = prims
         ctx.dtypes = (x_bd.dtype, W_enc_nd.dtype, b_enc_n.dtype)
         ctx.save_for_backward(x_bd, W_enc_nd, idx_bk, valid_bk)
@@ -126,7 +172,8 @@ class _EncodeSelected(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = prims.gather_sum(W_enc_nd, idx_bk, weights_bk).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            order_e, tokens_e, offsets_n1 = _by_latent(idx_bk, valid_bk, n_latents)
+            order_e, offsets_n1 = ctx.layout.sorted(idx_bk, valid_bk)
+            tokens_e = order_e // idx_bk.shape[1]
             weights_e = weights_bk.reshape(-1)[order_e]
             grad_W = prims.segment_sum(x_bd, tokens_e, weights_e, offsets_n1).to(W_dtype)
         if ctx.needs_input_grad[2]:

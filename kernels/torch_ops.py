@@ -47,6 +47,35 @@ def segment_sum(
     )
 
 
+def segment_sum_dot(
+    rows_bd: torch.Tensor,
+    weights_bk: torch.Tensor,
+    order_e: torch.Tensor,
+    offsets_r1: torch.Tensor,
+    table_rd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, dots) for a padded (B, K) code whose entries, listed as flat positions p = order[e],
+    are grouped into CSR rows by offsets: out[r] = sum over the entries of row r of
+    weights.flat[p] * rows[p // K], and dots.flat[p] = <rows[p // K], table[r]> (0 at positions
+    in no row), in the table's dtype."""
+    n_used = int(offsets_r1[-1])
+    order_u = order_e[:n_used]
+    tokens_u = order_u // weights_bk.shape[1]
+    out_rd = segment_sum(rows_bd, tokens_u, weights_bk.reshape(-1)[order_u], offsets_r1)
+    latents_u = torch.repeat_interleave(torch.arange(len(offsets_r1) - 1, device=order_e.device), offsets_r1.diff())
+    rows_bd = rows_bd.to(table_rd.dtype)
+    if table_rd.is_cuda:
+        # The fused kernel below has no half-precision CUDA version; cuBLAS accumulates in fp32.
+        dots_u = torch.bmm(table_rd[latents_u][:, None, :], rows_bd[tokens_u][:, :, None]).reshape(-1)
+    else:
+        # embedding_bag's per-sample-weights gradient, with the table's rows as the bags' gradients.
+        dots_u = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            table_rd.contiguous(), rows_bd.contiguous(), tokens_u, offsets_r1[:-1], latents_u, 0, -1
+        )
+    dots_bk = torch.zeros(weights_bk.shape, dtype=dots_u.dtype, device=dots_u.device)
+    return out_rd, dots_bk.view(-1).index_copy_(0, order_u, dots_u).view_as(weights_bk)
+
+
 def gather_dot(table_nd: torch.Tensor, indices_bk: torch.Tensor, rows_bd: torch.Tensor) -> torch.Tensor:
     """out[b, j] = <rows[b], table[indices[b, j]]>, in the table's dtype."""
     if table_nd.is_cuda:

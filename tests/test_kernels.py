@@ -133,6 +133,48 @@ def test_noncontiguous_int32_and_given_pre(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", ["values", "W"])
+def test_decode_backward_for_one_input(backend, wanted):
+    """d values alone and d W alone take their own paths (the fused pass needs both)."""
+    B, k, n, d = 11, 6, 9, 21
+    indices_bk, values_bk = sparse_code(B, k, n, ragged=True)
+    g = torch.Generator().manual_seed(3)
+    W_nd, grad_bd = torch.randn(n, d, generator=g).to(DEVICE), torch.randn(B, d, generator=g).to(DEVICE)
+    grads = {}
+    for name in (backend, "reference"):
+        leaves = {"values": values_bk.clone(), "W": W_nd.clone()}
+        leaves[wanted].requires_grad_(True)
+        with kernels.use_backend(name):
+            kernels.decode(indices_bk, leaves["values"], leaves["W"]).backward(grad_bd)
+        grads[name] = leaves[wanted].grad
+    assert_close(grads[backend], grads["reference"], torch.float32, f"{backend} d {wanted} alone")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sort_shared_between_products_follows_the_indices(backend):
+    """Products of one indices tensor share its sort by latent; changing the indices in place or
+    using them with another table width sorts again."""
+    B, k, d = 10, 3, 6
+    indices_bk, values_bk = sparse_code(B, k, 11)
+    g = torch.Generator().manual_seed(6)
+    tables = [torch.randn(n, d, generator=g).to(DEVICE) for n in (11, 11, 14)]
+    grad_bd = torch.randn(B, d, generator=g).to(DEVICE)
+    codes, outs = [], []
+    for step, W_nd in enumerate(tables):
+        if step == 1:
+            indices_bk[:, 0] = (indices_bk[:, 0] + 1) % 11
+        codes.append((indices_bk.clone(), values_bk.clone().requires_grad_(True), W_nd.clone().requires_grad_(True)))
+        with kernels.use_backend(backend):
+            outs.append(kernels.decode(indices_bk, *codes[-1][1:]))
+    for out, (indices, v, W) in zip(outs, codes):
+        out.backward(grad_bd)
+        v_ref, W_ref = v.detach().clone().requires_grad_(True), W.detach().clone().requires_grad_(True)
+        kernels.decode_reference(indices, v_ref, W_ref).backward(grad_bd)
+        assert_close(v.grad, v_ref.grad, torch.float32, f"{backend} d values")
+        assert_close(W.grad, W_ref.grad, torch.float32, f"{backend} d W")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_and_empty_rows(backend):
     B, k, n, d = 6, 3, 10, 7
     indices_bk = torch.full((B, k), -1, device=DEVICE)

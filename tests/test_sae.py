@@ -55,6 +55,39 @@ def test_normalization_is_saved_and_outputs_reproduced(tmp_path):
     assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
 
 
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_gradients_match_plain_autograd(transcoder):
+    """The sparse path (no-grad dense encoder, sparse backward, b_dec's encoder gradient as a
+    matrix-vector product) gives every parameter the gradient of the textbook formula."""
+    torch.manual_seed(0)
+    target_hook = "blocks.0.hook_mlp_out" if transcoder else None
+    coder = create_coder("topk", d_in=10, n_latents=30, k=4, hook="h", target_hook=target_hook).double()
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.copy_(torch.randn_like(p))
+    x, target = torch.randn(25, 10, dtype=torch.float64), torch.randn(25, 10, dtype=torch.float64)
+    out = coder(x, target if transcoder else None)
+    out.fvu.backward()
+    ours = {name: p.grad.clone() for name, p in coder.named_parameters()}
+    coder.zero_grad()
+    x_norm = coder.normalized_input(x)
+    x_in = x_norm if transcoder else x_norm - coder.b_dec
+    pre = x_in @ coder.W_enc.T + coder.b_enc
+    top = pre.topk(4, dim=1)
+    f = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    x_hat = f @ coder.W_dec + coder.b_dec
+    t = target * coder.out_scale if transcoder else x_norm
+    ((t - x_hat).pow(2).sum() / (t - t.mean(0)).pow(2).sum()).backward()
+    for name, p in coder.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, msg=name)
+
+
+def test_fvu_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    target, x_hat = (torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(fraction_unexplained, (target, x_hat))
+
+
 def test_decoder_gradient_along_rows_is_removed():
     sae = make()
     sae.W_dec.grad = torch.randn_like(sae.W_dec)

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -148,3 +149,26 @@ def test_the_norm_bound_survives_resume_and_must_exceed_the_median(tmp_path):
     assert load_sae(tmp_path).cfg.max_input_norm == trainer.coder.cfg.max_input_norm
     with pytest.raises(ValueError, match="must be > 1"):
         TrainConfig(max_norm_ratio=0.5)
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, 1e6])
+def test_gradients_are_clipped_to_the_bound_only_above_it(tmp_path, grad_clip):
+    trainer = make_trainer(tmp_path, grad_clip=grad_clip)
+    batch = next(trainer.buffer.batches(trainer.buffer_state))
+    trainer.initialize(batch)
+    twin = copy.deepcopy(trainer.coder)
+    out = twin(batch[HOOK], dead_mask=trainer.tokens_since_fired > trainer.cfg.dead_tokens)
+    (out.fvu + out.aux_loss).backward()
+    twin.remove_parallel_grads()
+    unclipped = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]).item()
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording_step():
+        seen.append(torch.nn.utils.get_total_norm([p.grad for p in trainer.coder.parameters()]).item())
+        step()
+
+    trainer.optimizer.step = recording_step
+    trainer.train_step(batch)
+    assert unclipped > 1e-3
+    assert seen == [pytest.approx(min(grad_clip, unclipped), rel=1e-5)]

@@ -133,14 +133,23 @@ class SparseCoder(nn.Module):
 
     def encoder_input(self, x_norm: torch.Tensor) -> torch.Tensor:
         # An SAE subtracts its decoder bias before encoding; a transcoder's input and output
-        # live in different spaces, so it does not.
-        return x_norm - self.b_dec if self.cfg.target_hook is None else x_norm
+        # live in different spaces, so it does not. b_dec's gradient through the subtraction
+        # reaches it through `encoder_bias`.
+        return x_norm - self.b_dec.detach() if self.cfg.target_hook is None else x_norm
+
+    def encoder_bias(self) -> torch.Tensor:
+        """b_enc; for an SAE it also carries b_dec's gradient through the encoder input x - b_dec."""
+        if self.cfg.target_hook is not None:
+            return self.b_enc
+        return _ShiftedEncoderBias.apply(self.b_enc, self.W_enc, self.b_dec)
 
     def active_values(self, x_norm: torch.Tensor, indices_bk: torch.Tensor, pre_bn: torch.Tensor) -> torch.Tensor:
         """ReLU(z) at the selected latents, differentiable through the sparse encoder backward."""
         safe = indices_bk.clamp(min=0)
         pre_bk = pre_bn.gather(1, safe)
-        pre_bk = kernels.encode_selected(self.encoder_input(x_norm), self.W_enc, self.b_enc, indices_bk, pre_bk=pre_bk)
+        pre_bk = kernels.encode_selected(
+            self.encoder_input(x_norm), self.W_enc, self.encoder_bias(), indices_bk, pre_bk=pre_bk
+        )
         return torch.relu(pre_bk).masked_fill(indices_bk < 0, 0.0)
 
     @abstractmethod
@@ -177,10 +186,10 @@ class SparseCoder(nn.Module):
         if self.cfg.skip:
             x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()
         fvu = fraction_unexplained(target_norm, x_hat_norm)
-        aux = self.aux_loss(x_norm, pre_bn, target_norm - x_hat_norm.detach(), **context)
+        aux = self.aux_loss(x_norm, pre_bn, target_norm, x_hat_norm.detach(), **context)
         return CoderOutput(x_hat_norm / self.out_scale, SparseCode(indices_bk, values_bk), fvu, aux)
 
-    def aux_loss(self, x_norm, pre_bn, residual, **context) -> torch.Tensor:
+    def aux_loss(self, x_norm, pre_bn, target_norm, x_hat_norm, **context) -> torch.Tensor:
         return torch.zeros((), device=x_norm.device)
 
     def decoder_head_fractions(self, n_heads: int) -> torch.Tensor:
@@ -227,9 +236,10 @@ class SparseCoder(nn.Module):
         after every step, that component would only change their norm and be undone."""
         if self.W_dec.grad is None:
             return
-        # In place, without an (n, d) temporary: at n = 9216 the two products cost 7 ms a step.
-        parallel_n = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
-        self.W_dec.grad.addcmul_(parallel_n[:, None], self.W_dec, value=-1)
+        # In blocks of rows that stay in cache between the product and the in-place subtraction:
+        # 2.9 ms against 4.5 for whole-matrix ops and 9 for linalg.vecdot (9216 x 576, CPU).
+        for grad_rd, W_rd in zip(self.W_dec.grad.split(1024), self.W_dec.split(1024)):
+            grad_rd.addcmul_((grad_rd * W_rd).sum(1, keepdim=True), W_rd, value=-1)
 
     # --- folder format ---------------------------------------------------------------------
 
@@ -301,10 +311,52 @@ def read_weights(folder: Path, expected: dict[str, torch.Tensor]) -> dict[str, t
     return weights
 
 
+class _ShiftedEncoderBias(torch.autograd.Function):
+    """b_enc forward; backward also gives b_dec the gradient it gets through the encoder input
+    x - b_dec of z = W_enc (x - b_dec) + b_enc, which is -(d b_enc) W_enc: one matrix-vector
+    product, where autograd through the subtraction would gather a (tokens, d) gradient of the
+    input and sum it (1.5 against 4.7 ms a step at 4096 tokens x 9216 latents x 576, CPU)."""
+
+    @staticmethod
+    def forward(ctx, b_enc_n, W_enc_nd, b_dec_d):
+        ctx.save_for_backward(W_enc_nd)
+        ctx.b_dec_dtype = b_dec_d.dtype
+        return b_enc_n.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_n):
+        (W_enc_nd,) = ctx.saved_tensors
+        grad_b_dec = None
+        if ctx.needs_input_grad[2]:
+            grad_b_dec = -(grad_n.to(W_enc_nd.dtype) @ W_enc_nd).to(ctx.b_dec_dtype)
+        return grad_n, None, grad_b_dec
+
+
+class _SquaredError(torch.autograd.Function):
+    """sum ||x_hat - target||^2 as one dot product, and a backward of one pass: autograd through
+    (target - x_hat).pow(2).sum() writes the square and three more (tokens, d) tensors (6.1
+    against 3.7 ms for the whole FVU and its backward at 4096 x 576, CPU)."""
+
+    @staticmethod
+    def forward(ctx, x_hat, target):
+        diff = (x_hat - target).flatten()
+        ctx.save_for_backward(diff)
+        ctx.shape = x_hat.shape
+        return torch.dot(diff, diff)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        grad_x_hat = (diff * (2 * grad)).view(ctx.shape)
+        return grad_x_hat, -grad_x_hat if ctx.needs_input_grad[1] else None
+
+
 def fraction_unexplained(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """FVU = sum ||target - x_hat||^2 / sum ||target - mean(target)||^2 over the batch."""
-    total = (target - target.mean(0)).pow(2).sum()
-    return (target - x_hat).pow(2).sum() / total.clamp_min(1e-12)
+    centered = (target - target.mean(0)).flatten()
+    return _SquaredError.apply(x_hat, target) / torch.dot(centered, centered).clamp_min(1e-12)
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
