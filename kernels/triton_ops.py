@@ -163,8 +163,8 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
 
 
 def _config(kernel: str, D: int, K: int) -> dict:
-    """Launch shape of `kernel` ("gather_sum", "segment_sum", "segment_sum_dot" or "gather_dot") for width D and
-    K entries per row (0 for CSR rows). Swept on an H100 at d=2304, k=64, n=2^17, bf16: the
+    """Launch shape of `kernel` ("gather_sum", "segment_sum", "segment_sum_dot" or "gather_dot")
+    for width D and K entries per row (0 for CSR rows). Swept on an H100 at d=2304, k=64, n=2^17, bf16: the
     padded kernels want whole rows of k entries per step over narrow column blocks; the
     latent-sorted rows hold B k / n entries on average, so few entries over wide blocks (not
     one, which would serialise a latent that fires on every token). For the fused decoder
