@@ -8,7 +8,9 @@ real trainer step (interp.train.Trainer.train_step: forward, FVU + AuxK, sparse 
 interp.kernels, decoder-parallel gradient removed, clipping, Adam, decoder renormalised).
 The peers run in their own virtual environments under bench/.peers/ (created on first use,
 with this environment's torch version), through the runners in bench/peers/. Every contender is
-measured in each of --rounds interleaved rounds and the medians are compared. The last line is
+measured in each of --rounds interleaved rounds and the medians are compared; within a round,
+interp and the floor alternate step by step, so their ratio survives a shared machine's slow
+spells (the peers run in other processes and cannot be paired so). The last line is
 `train-step tok/s: interp=N floor=N sparsify=N saelens=N`; a peer that cannot run prints NA,
 with the reason on the line before.
 """
@@ -20,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,32 +32,41 @@ from interp.train import TrainConfig, Trainer
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH / "peers"))
-from common import activations, tokens_per_second  # noqa: E402
+from common import activations  # noqa: E402
 
 PEERS = {"sparsify": "eai-sparsify", "saelens": "sae-lens"}
 LOCAL_WHEELS = Path("/opt/wheels")
 
 
-def floor(x_bd: torch.Tensor, n: int, k: int, steps: int) -> float:
-    """Each token's top-k pre-activations, written into one reused buffer (as interp's coders do
-    on the CPU: fresh memory for z each step costs page faults)."""
+def interp_and_floor(x_bd: torch.Tensor, n: int, k: int, steps: int) -> tuple[float, float]:
+    """Tokens/s of interp's training step and of the floor, timed step by step in alternation:
+    a slow spell on a shared machine then hits both alike, and their ratio holds still.
+
+    The floor computes each token's top-k pre-activations into one reused buffer (as interp's
+    coders do on the CPU: fresh memory for z each step costs page faults)."""
     W_enc_nd = torch.randn(n, x_bd.shape[1]) / x_bd.shape[1] ** 0.5
     b_enc_n = torch.zeros(n)
     pre_bn = torch.empty(len(x_bd), n)
 
-    def step():
+    def floor_step():
         torch.addmm(b_enc_n, x_bd, W_enc_nd.T, out=pre_bn).topk(k, dim=1)
 
-    return tokens_per_second(step, len(x_bd), steps)
-
-
-def interp_step(x_bd: torch.Tensor, n: int, k: int, steps: int) -> float:
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(d_in=x_bd.shape[1], n_latents=n, k=k, hook="x"))
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(sae, None, TrainConfig(), run_dir)
         trainer.initialize({"x": x_bd})
-        return tokens_per_second(lambda: trainer.train_step({"x": x_bd}), len(x_bd), steps)
+        contenders = (lambda: trainer.train_step({"x": x_bd}), floor_step)
+        for _ in range(2):
+            for step in contenders:
+                step()
+        seconds = [0.0, 0.0]
+        for _ in range(steps):
+            for i, step in enumerate(contenders):
+                start = time.perf_counter()
+                step()
+                seconds[i] += time.perf_counter() - start
+    return tuple(len(x_bd) * steps / s for s in seconds)
 
 
 def peer_python(name: str) -> Path:
@@ -104,8 +116,9 @@ def main() -> None:
     rounds: dict[str, list[float]] = {name: [] for name in ("interp", "floor", *PEERS)}
     failed: dict[str, str] = {}
     for _ in range(args.rounds):
-        rounds["interp"].append(interp_step(x_bd, args.n, args.k, args.steps))
-        rounds["floor"].append(floor(x_bd, args.n, args.k, args.steps))
+        ours, bare = interp_and_floor(x_bd, args.n, args.k, args.steps)
+        rounds["interp"].append(ours)
+        rounds["floor"].append(bare)
         for name in PEERS:
             if name in failed:
                 continue
