@@ -167,7 +167,8 @@ class _EncodeSelected(torch.autograd.Function):
         prims = ctx.prims
         x_dtype, W_dtype, b_dtype = ctx.dtypes
         n_latents = W_enc_nd.shape[0]
-        weights_bk = (grad_bk * valid_bk).to(W_dtype)
+        grad_bk = grad_bk * valid_bk
+        weights_bk = grad_bk.to(W_dtype)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = prims.gather_sum(W_enc_nd, idx_bk, weights_bk).to(x_dtype)
@@ -178,7 +179,7 @@ class _EncodeSelected(torch.autograd.Function):
             grad_W = prims.segment_sum(x_bd, tokens_e, weights_e, offsets_n1).to(W_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(n_latents, dtype=torch.float32, device=idx_bk.device)
-            grad_b.index_add_(0, idx_bk.reshape(-1), (grad_bk * valid_bk).reshape(-1).float())
+            grad_b.index_add_(0, idx_bk.reshape(-1), grad_bk.reshape(-1).float())
             grad_b = grad_b.to(b_dtype)
         return grad_x, grad_W, grad_b, None, None, None
 

@@ -1,10 +1,10 @@
-"""Triton kernels for the three sparse primitives (see ops.py), same signatures as torch_ops.py.
+"""Triton kernels for the four sparse primitives (see ops.py), same signatures as torch_ops.py.
 
 Three kernels cover them: a gather-sum over rows of entries (padded rows of k, or CSR rows for
-the latent-sorted scatter), a gather-dot, and the two fused for the decoder's backward. Each program owns one output row and one block of
-d columns, loads a (BLOCK_E, BLOCK_D) tile of the selected table rows per step, and accumulates
-in fp32 (fp64 for fp64 tables); offsets are computed in int64, so tables past 2^31 elements
-(2^20 latents x 2304) work.
+the latent-sorted scatter), a gather-dot, and the two fused for the decoder's backward. A program
+owns one output row (BLOCK_R rows for the fused kernel) and one block of d columns, loads a tile
+of the selected table rows per step, and accumulates in fp32 (fp64 for fp64 tables); offsets are
+computed in int64, so tables past 2^31 elements (2^20 latents x 2304) work.
 Tables and dense operands are read through their strides, so nothing needs to be contiguous;
 index and weight vectors are small and arrive contiguous from ops.py.
 """
@@ -164,12 +164,12 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
 
 def _config(kernel: str, D: int, K: int) -> dict:
     """Launch shape of `kernel` ("gather_sum", "segment_sum", "segment_sum_dot" or "gather_dot")
-    for width D and K entries per row (0 for CSR rows). Swept on an H100 at d=2304, k=64, n=2^17, bf16: the
-    padded kernels want whole rows of k entries per step over narrow column blocks; the
-    latent-sorted rows hold B k / n entries on average, so few entries over wide blocks (not
-    one, which would serialise a latent that fires on every token). For the fused decoder
-    backward one CSR row per program beat 2, 4 and 8 (1.33 against 1.43-1.55 ms for the whole
-    decode)."""
+    for width D and K entries per row (0 for CSR rows). Swept on an H100 at d=2304, k=64,
+    n=2^17, bf16: the padded kernels want whole rows of k entries per step over narrow column
+    blocks; the latent-sorted rows hold B k / n entries on average, so few entries over wide
+    blocks (not one, which would serialise a latent that fires on every token). For the fused
+    decoder backward one CSR row per program beat 2, 4 and 8 (1.33 against 1.43-1.55 ms for the
+    whole decode)."""
     block_e, block_d, warps = {
         "gather_sum": (64, 64, 1),
         "gather_dot": (32, 64, 1),
