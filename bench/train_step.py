@@ -49,7 +49,7 @@ def interp_and_floor(x_bd: torch.Tensor, n: int, k: int, steps: int) -> tuple[fl
     pre_bn = torch.empty(len(x_bd), n)
 
     def floor_step():
-        torch.addmm(b_enc_n, x_bd, W_enc_nd.T, out=pre_bn).topk(k, dim=1)
+        torch.addmm(b_enc_n, x_bd, W_enc_nd.T, out=pre_bn).topk(k, dim=1, sorted=False)
 
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(d_in=x_bd.shape[1], n_latents=n, k=k, hook="x"))

@@ -106,7 +106,7 @@ def test_mutual_choice_spends_exactly_its_budget(arch):
     assert (code.values_bk[active] > 0).all()
     per_token = active.sum(1)
     assert per_token.min() < per_token.max()  # the budget is shared unevenly
-    pre = coder.preacts(coder.normalized_input(x))
+    pre = coder.preacts(coder.encoder_input(coder.normalized_input(x)))
     assert torch.equal(dense(code) > 0, pre >= pre.flatten().topk(K * B).values.min())
 
 
@@ -134,7 +134,7 @@ def test_feature_choice_respects_each_capacity():
     capacity = coder.capacities(B)
     assert (counts <= capacity).all() and int(counts.sum()) <= K * B + N
     # Each feature took its own top tokens: nothing it left out beats what it took.
-    pre = coder.preacts(coder.normalized_input(x))
+    pre = coder.preacts(coder.encoder_input(coder.normalized_input(x)))
     chosen = dense(code) > 0
     for i in range(N):
         if chosen[:, i].any() and (~chosen[:, i]).any():

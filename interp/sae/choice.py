@@ -88,10 +88,10 @@ class MutualChoiceSAE(BatchTopKSAE):
         fires = torch.bincount(indices_bk[indices_bk >= 0], minlength=self.cfg.n_latents)
         update_ema(self.density, fires.float() / len(indices_bk), self.cfg.density_rate, self.density_started)
 
-    def aux_loss(self, x_norm, pre_bn, target_norm, x_hat_norm, **context) -> torch.Tensor:
+    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, **context) -> torch.Tensor:
         if not self.training:
-            return torch.zeros((), device=x_norm.device)
-        return self.masked_aux_loss(x_norm, pre_bn, target_norm, x_hat_norm, self.underused())
+            return torch.zeros((), device=enc_in_bd.device)
+        return self.masked_aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm, self.underused())
 
     @torch.no_grad()
     def underused(self) -> torch.Tensor:

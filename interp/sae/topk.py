@@ -43,20 +43,20 @@ class TopKSAE(SparseCoder):
     def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
         return pre_bn.topk(self.cfg.k, dim=1, sorted=False).indices
 
-    def aux_loss(self, x_norm, pre_bn, target_norm, x_hat_norm, dead_mask=None, **context) -> torch.Tensor:
+    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, dead_mask=None, **context) -> torch.Tensor:
         if dead_mask is None or not self.training:
-            return torch.zeros((), device=x_norm.device)
-        return self.masked_aux_loss(x_norm, pre_bn, target_norm, x_hat_norm, dead_mask)
+            return torch.zeros((), device=enc_in_bd.device)
+        return self.masked_aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm, dead_mask)
 
-    def masked_aux_loss(self, x_norm, pre_bn, target_norm, x_hat_norm, mask_n: torch.Tensor) -> torch.Tensor:
+    def masked_aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, mask_n: torch.Tensor) -> torch.Tensor:
         """AuxK restricted to the latents in `mask_n`: the top-k_aux of them reconstruct the
         residual target - x_hat (x_hat detached), computed only when some latent is masked in."""
         n_masked = int(mask_n.sum())
         if n_masked == 0:
-            return torch.zeros((), device=x_norm.device)
+            return torch.zeros((), device=enc_in_bd.device)
         k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, n_masked)
         masked_pre = pre_bn.masked_fill(~mask_n, float("-inf"))
         indices_bk = masked_pre.topk(k_aux, dim=1, sorted=False).indices
-        values_bk = self.active_values(x_norm, indices_bk, pre_bn)
+        values_bk = self.active_values(enc_in_bd, indices_bk, pre_bn)
         residual_hat = kernels.decode(indices_bk, values_bk, self.W_dec)
         return self.cfg.aux_coef * fraction_unexplained(target_norm - x_hat_norm, residual_hat)
