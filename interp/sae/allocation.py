@@ -13,23 +13,27 @@ from __future__ import annotations
 import torch
 
 
-def padded_code(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Indices (n_rows, widest row) of latents `cols` active in tokens `rows`; -1 pads short rows."""
+def padded_code(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) (n_rows, widest row) of latents `cols` active in tokens `rows` with
+    `values`; index -1 and value 0 pad short rows."""
     counts = torch.bincount(rows, minlength=n_rows)
     width = max(1, int(counts.max())) if len(rows) else 1
     order = torch.argsort(rows, stable=True)
-    rows, cols = rows[order], cols[order]
+    rows, cols, values = rows[order], cols[order], values[order]
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(rows), device=rows.device) - starts[rows]
     indices_bk = torch.full((n_rows, width), -1, dtype=torch.long, device=rows.device)
     indices_bk[rows, slot] = cols
-    return indices_bk
+    values_bk = torch.zeros((n_rows, width), dtype=values.dtype, device=values.device)
+    values_bk[rows, slot] = values
+    return indices_bk, values_bk
 
 
-def select_above(pre_bn: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Inference rule: latents with pre-activation above `threshold` (and above 0), per token."""
+def select_above(pre_bn: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference rule: latents with pre-activation above `threshold` (and above 0), per token,
+    with their pre-activations."""
     rows, cols = ((pre_bn > threshold) & (pre_bn > 0)).nonzero(as_tuple=True)
-    return padded_code(rows, cols, len(pre_bn))
+    return padded_code(rows, cols, pre_bn[rows, cols], len(pre_bn))
 
 
 def batch_topk(pre_bn: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -154,22 +154,23 @@ class SparseCoder(nn.Module):
             return self.b_enc
         return _ShiftedEncoderBias.apply(self.b_enc, self.W_enc, self.b_dec)
 
-    def active_values(self, enc_in_bd: torch.Tensor, indices_bk: torch.Tensor, pre_bn: torch.Tensor) -> torch.Tensor:
-        """ReLU(z) at the selected latents, differentiable through the sparse encoder backward."""
-        safe = indices_bk.clamp(min=0)
-        pre_bk = pre_bn.gather(1, safe)
+    def active_values(self, enc_in_bd: torch.Tensor, indices_bk: torch.Tensor, pre_bk: torch.Tensor) -> torch.Tensor:
+        """ReLU(z) at the selected latents (their pre-activations `pre_bk`, from `select`),
+        differentiable through the sparse encoder backward."""
         pre_bk = kernels.encode_selected(enc_in_bd, self.W_enc, self.encoder_bias(), indices_bk, pre_bk=pre_bk)
         return torch.relu(pre_bk).masked_fill(indices_bk < 0, 0.0)
 
     @abstractmethod
-    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
-        """Indices (tokens, k) of the active latents, -1 for unused slots; never differentiated."""
+    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, pre-activations) (tokens, k) of the active latents, -1 and any value in unused
+        slots; never differentiated. The values come with the choice (a top-k returns them), which
+        spares a gather from the (tokens, n) pre-activations."""
 
     def encode(self, x: torch.Tensor, **context) -> SparseCode:
         enc_in_bd = self.encoder_input(self.normalized_input(x))
         pre_bn = self.preacts(enc_in_bd, out=self.preacts_workspace(enc_in_bd))
-        indices_bk = self.select(pre_bn, **context)
-        return SparseCode(indices_bk, self.active_values(enc_in_bd, indices_bk, pre_bn))
+        indices_bk, pre_bk = self.select(pre_bn, **context)
+        return SparseCode(indices_bk, self.active_values(enc_in_bd, indices_bk, pre_bk))
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         """The code's reconstruction in the target's units (without a skip transcoder's linear term)."""
@@ -190,8 +191,8 @@ class SparseCoder(nn.Module):
         target_norm = x_norm if target is None else target.to(self.W_dec.dtype) * self.out_scale
         enc_in_bd = self.encoder_input(x_norm)
         pre_bn = self.preacts(enc_in_bd, out=self.preacts_workspace(enc_in_bd))
-        indices_bk = self.select(pre_bn, **context)
-        values_bk = self.active_values(enc_in_bd, indices_bk, pre_bn)
+        indices_bk, pre_bk = self.select(pre_bn, **context)
+        values_bk = self.active_values(enc_in_bd, indices_bk, pre_bk)
         x_hat_norm = kernels.decode(indices_bk, values_bk, self.W_dec, self.b_dec)
         if self.cfg.skip:
             x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()

@@ -45,10 +45,10 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_started", torch.zeros((), dtype=torch.bool))
 
-    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
+    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
             return select_above(pre_bn, self.threshold)
         rows, cols, values = batch_topk(pre_bn, self.cfg.k * len(pre_bn))
         if len(values):
             update_ema(self.threshold, values.min(), self.cfg.threshold_rate, self.threshold_started)
-        return padded_code(rows, cols, len(pre_bn))
+        return padded_code(rows, cols, values, len(pre_bn))

@@ -76,11 +76,11 @@ class MutualChoiceSAE(BatchTopKSAE):
         self.register_buffer("density", torch.zeros(cfg.n_latents))
         self.register_buffer("density_started", torch.zeros((), dtype=torch.bool))
 
-    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
-        indices_bk = super().select(pre_bn, **context)
+    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
+        indices_bk, pre_bk = super().select(pre_bn, **context)
         if self.training:
             self.track_density(indices_bk)
-        return indices_bk
+        return indices_bk, pre_bk
 
     @torch.no_grad()
     def track_density(self, indices_bk: torch.Tensor) -> None:
@@ -114,15 +114,15 @@ class FeatureChoiceSAE(MutualChoiceSAE):
             self.threshold.device
         )
 
-    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
+    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
             return select_above(pre_bn, self.threshold)
         capacity_n = self.capacities(len(pre_bn))
         rows, cols, thresholds = feature_choice(pre_bn, capacity_n)
         update_ema(self.threshold, thresholds, self.cfg.threshold_rate, self.threshold_started)
-        indices_bk = padded_code(rows, cols, len(pre_bn))
+        indices_bk, pre_bk = padded_code(rows, cols, pre_bn[rows, cols], len(pre_bn))
         self.track_density(indices_bk)
-        return indices_bk
+        return indices_bk, pre_bk
 
 
 def zipf_capacities(n_latents: int, budget: int, n_tokens: int, exponent: float) -> torch.Tensor:

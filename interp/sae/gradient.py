@@ -45,12 +45,13 @@ class GradientSAE(TopKSAE):
     config_class = GradientConfig
     needs_grad = True
 
-    def select(self, pre_bn: torch.Tensor, grad: torch.Tensor | None = None, **context) -> torch.Tensor:
+    def select(self, pre_bn: torch.Tensor, grad: torch.Tensor | None = None, **context) -> tuple[torch.Tensor, torch.Tensor]:
         if grad is None:
             if self.training:
                 raise ValueError("a gradient SAE trains on gradients: pass grad= (an activation source with_grads)")
             return super().select(pre_bn)
-        return self.scores(pre_bn, grad).topk(self.cfg.k, dim=1, sorted=False).indices
+        indices_bk = self.scores(pre_bn, grad).topk(self.cfg.k, dim=1, sorted=False).indices
+        return indices_bk, pre_bn.gather(1, indices_bk)
 
     @torch.no_grad()
     def scores(self, pre_bn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,9 @@ class TopKSAE(SparseCoder):
     arch = "topk"
     config_class = TopKConfig
 
-    def select(self, pre_bn: torch.Tensor, **context) -> torch.Tensor:
-        return pre_bn.topk(self.cfg.k, dim=1, sorted=False).indices
+    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
+        top = pre_bn.topk(self.cfg.k, dim=1, sorted=False)
+        return top.indices, top.values
 
     def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, dead_mask=None, **context) -> torch.Tensor:
         if dead_mask is None or not self.training:
@@ -56,7 +57,7 @@ class TopKSAE(SparseCoder):
             return torch.zeros((), device=enc_in_bd.device)
         k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, n_masked)
         masked_pre = pre_bn.masked_fill(~mask_n, float("-inf"))
-        indices_bk = masked_pre.topk(k_aux, dim=1, sorted=False).indices
-        values_bk = self.active_values(enc_in_bd, indices_bk, pre_bn)
-        residual_hat = kernels.decode(indices_bk, values_bk, self.W_dec)
+        top = masked_pre.topk(k_aux, dim=1, sorted=False)
+        values_bk = self.active_values(enc_in_bd, top.indices, top.values)
+        residual_hat = kernels.decode(top.indices, values_bk, self.W_dec)
         return self.cfg.aux_coef * fraction_unexplained(target_norm - x_hat_norm, residual_hat)
