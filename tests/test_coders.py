@@ -54,6 +54,20 @@ def test_unknown_option_is_a_clear_error():
         make("topk", beta=1.0)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_select_returns_the_preactivations_it_chose(arch, training):
+    coder = make(arch)
+    warm_up(coder)
+    coder.train(training)
+    x, grad = data(seed=9)
+    pre = coder.preacts(coder.encoder_input(coder.normalized_input(x)))
+    indices, pre_bk = coder.select(pre, **context(coder, grad))
+    used = indices >= 0
+    assert used.any()
+    assert torch.equal(pre_bk[used], pre.gather(1, indices.clamp(min=0))[used])
+
+
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_shapes_and_save_load_round_trip(arch, tmp_path):
     coder = make(arch)

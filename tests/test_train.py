@@ -172,3 +172,17 @@ def test_gradients_are_clipped_to_the_bound_only_above_it(tmp_path, grad_clip):
     trainer.train_step(batch)
     assert unclipped > 1e-3
     assert seen == [pytest.approx(min(grad_clip, unclipped), rel=1e-5)]
+
+
+def test_a_step_resets_exactly_the_latents_that_fired(tmp_path):
+    trainer = make_trainer(tmp_path)
+    batch = next(trainer.buffer.batches(trainer.buffer_state))
+    trainer.initialize(batch)
+    trainer.tokens_since_fired.fill_(100)
+    code = copy.deepcopy(trainer.coder)(batch[HOOK]).code
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[code.indices_bk[code.values_bk > 0]] = True
+    assert 0 < int(fired.sum()) < 64
+    stats = trainer.train_step(batch)
+    assert torch.equal(trainer.tokens_since_fired, torch.where(fired, 0, 100 + len(batch[HOOK])))
+    assert stats["l0"] == pytest.approx((code.values_bk > 0).sum().item() / len(batch[HOOK]))

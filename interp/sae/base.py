@@ -189,6 +189,9 @@ class SparseCoder(nn.Module):
         `context` carries what a family may use in training (e.g. `dead_mask`, `grad`)."""
         x_norm = self.normalized_input(x)
         target_norm = x_norm if target is None else target.to(self.W_dec.dtype) * self.out_scale
+        # The FVU's denominator now, while the target is in cache: after the (tokens, n)
+        # pre-activations it would be read from memory again.
+        variance = total_variance(target_norm)
         enc_in_bd = self.encoder_input(x_norm)
         pre_bn = self.preacts(enc_in_bd, out=self.preacts_workspace(enc_in_bd))
         indices_bk, pre_bk = self.select(pre_bn, **context)
@@ -196,7 +199,7 @@ class SparseCoder(nn.Module):
         x_hat_norm = kernels.decode(indices_bk, values_bk, self.W_dec, self.b_dec)
         if self.cfg.skip:
             x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()
-        fvu = fraction_unexplained(target_norm, x_hat_norm)
+        fvu = fraction_unexplained(target_norm, x_hat_norm, variance)
         aux = self.aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm.detach(), **context)
         return CoderOutput(x_hat_norm, self.out_scale, SparseCode(indices_bk, values_bk), fvu, aux)
 
@@ -376,10 +379,17 @@ class _SquaredError(torch.autograd.Function):
         return grad_x_hat, -grad_x_hat if ctx.needs_input_grad[1] else None
 
 
-def fraction_unexplained(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """FVU = sum ||target - x_hat||^2 / sum ||target - mean(target)||^2 over the batch."""
+def total_variance(target: torch.Tensor) -> torch.Tensor:
+    """sum ||target - mean(target)||^2 over the batch: the FVU's denominator."""
     centered = (target - target.mean(0)).flatten()
-    return _SquaredError.apply(x_hat, target) / torch.dot(centered, centered).clamp_min(1e-12)
+    return torch.dot(centered, centered)
+
+
+def fraction_unexplained(target: torch.Tensor, x_hat: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+    """FVU = sum ||target - x_hat||^2 / sum ||target - mean(target)||^2 over the batch; pass
+    `variance` when total_variance(target) is already known."""
+    variance = total_variance(target) if variance is None else variance
+    return _SquaredError.apply(x_hat, target) / variance.clamp_min(1e-12)
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
