@@ -1,8 +1,9 @@
-"""The torch implementation of the three sparse primitives (CPU, or CUDA without Triton).
+"""The torch implementation of the four sparse primitives (CPU, or CUDA without Triton).
 
 Each primitive reads only the rows it needs, through `embedding_bag`, whose CPU kernel is
-multithreaded and accumulates half-precision inputs in fp32. Callers (ops.py) have already
-replaced sentinel indices by 0 with weight 0, so no primitive sees a -1.
+multithreaded and accumulates half-precision inputs in fp32, and (for segment_sum_dot's dots on
+the CPU) torch's sampled sparse product. Callers (ops.py) have already replaced sentinel indices
+by 0 with weight 0, so no primitive sees a -1.
 """
 
 from __future__ import annotations
