@@ -78,6 +78,12 @@ def _by_latent(
     return order_e, offsets_n1
 
 
+def _segment_sum_by_latent(prims: ModuleType, table_bd, weights_bk, order_e, offsets_n1) -> torch.Tensor:
+    """out[i] = sum over latent i's entries (b, j) of weights[b, j] * table[b]: a CSR segment sum
+    over the entries in `_by_latent` order."""
+    return prims.segment_sum(table_bd, order_e // weights_bk.shape[1], weights_bk.reshape(-1)[order_e], offsets_n1)
+
+
 class _LatentLayout:
     """One code's entries grouped by latent (`_by_latent`), sorted on first use and shared by the
     products of the same indices tensor: the decoder and encoder backward of one forward pass sort
@@ -133,13 +139,13 @@ class _Decode(torch.autograd.Function):
                 # One pass by latent reads each row of W once for both gradients.
                 grad_W, grad_values = prims.segment_sum_dot(grad_bd, weights_bk, order_e, offsets_n1, W_nd)
             else:
-                tokens_e = order_e // idx_bk.shape[1]
-                grad_W = prims.segment_sum(grad_bd, tokens_e, weights_bk.reshape(-1)[order_e], offsets_n1)
+                grad_W = _segment_sum_by_latent(prims, grad_bd, weights_bk, order_e, offsets_n1)
             grad_W = grad_W.to(W_nd.dtype)
         elif ctx.needs_input_grad[1]:
-            grad_values = prims.gather_dot(W_nd, idx_bk, grad_bd)
+            # The fused pass writes 0 at empty slots; the gather reads latent 0 there.
+            grad_values = prims.gather_dot(W_nd, idx_bk, grad_bd) * valid_bk
         if grad_values is not None:
-            grad_values = (grad_values * valid_bk).to(ctx.values_dtype)
+            grad_values = grad_values.to(ctx.values_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_bd.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return None, grad_values, grad_W, grad_bias, None
@@ -174,9 +180,7 @@ class _EncodeSelected(torch.autograd.Function):
             grad_x = prims.gather_sum(W_enc_nd, idx_bk, weights_bk).to(x_dtype)
         if ctx.needs_input_grad[1]:
             order_e, offsets_n1 = ctx.layout.sorted(idx_bk, valid_bk)
-            tokens_e = order_e // idx_bk.shape[1]
-            weights_e = weights_bk.reshape(-1)[order_e]
-            grad_W = prims.segment_sum(x_bd, tokens_e, weights_e, offsets_n1).to(W_dtype)
+            grad_W = _segment_sum_by_latent(prims, x_bd, weights_bk, order_e, offsets_n1).to(W_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(n_latents, dtype=torch.float32, device=idx_bk.device)
             grad_b.index_add_(0, idx_bk.reshape(-1), grad_bk.reshape(-1).float())
