@@ -349,6 +349,7 @@ def steer(
     samples: Annotated[int, typer.Option(help=GEN_DOC["samples"])] = GEN.samples,
     seed: Annotated[int, typer.Option(help=GEN_DOC["seed"])] = GEN.seed,
     positions: Annotated[str, typer.Option(help=GEN_DOC["positions"])] = "all",
+    stop_at_eos: Annotated[bool, typer.Option(help=GEN_DOC["stop_at_eos"])] = GEN.stop_at_eos,
     device: Annotated[str, typer.Option(help=RUN_DOC["device"])] = RUN.device,
 ):
     """Generate from a prompt with and without steering by features, and print both side by side."""
@@ -373,7 +374,7 @@ def steer(
     interventions = [build(coder, f, v) for f, v in zip(feature, values)]
     model = load_model(coder.cfg.model or RUN.model, device)
     cfg = steering.GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  samples=samples, seed=seed, positions=_parse_positions(positions))
+                                  samples=samples, seed=seed, positions=_parse_positions(positions), stop_at_eos=stop_at_eos)
     pair = steering.compare_generations(model, prompt, interventions, cfg)
     width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
     described = ", ".join(f"{f} ({mode.lstrip('-')}{'' if mode == '--ablate' else ' ' + str(v)})" for f, v in zip(feature, values))

@@ -48,16 +48,8 @@ def load_model(
     name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
 ) -> TransformerBridge:
     """Load `name` (see the module docstring for the sources) as a TransformerBridge in eval mode."""
-    torch_dtype = parse_dtype(dtype)
-    if name == DEFAULT_MODEL:
-        hf_model, tokenizer, hf_name = (*_load_smollm2(), SMOLLM2_HF_NAME)
-    elif name == TINY_MODEL:
-        hf_model, tokenizer, hf_name = (*_build_tiny(_tiny_config(), seed=0), TINY_MODEL)
-    elif Path(name).is_dir():
-        hf_model, tokenizer, hf_name = (*_load_local(Path(name)), name)
-    else:
-        hf_model, tokenizer, hf_name = (*_load_hub(name), name)
-    hf_model = hf_model.to(device=device, dtype=torch_dtype).eval()
+    hf_model, tokenizer = load_hf(name, device, dtype)
+    hf_name = {DEFAULT_MODEL: SMOLLM2_HF_NAME}.get(name, name)
     model = TransformerBridge.boot_transformers(hf_name, hf_model=hf_model, tokenizer=tokenizer)
     model.eval()
     # Remember the name the user gave: it is what a saved coder records and what reloads the model.
@@ -65,6 +57,22 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def load_hf(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"):
+    """(Hugging Face model in eval mode, tokenizer) for `name`, before TransformerLens wraps it.
+    The bridge replaces the model's modules with its own, so a model that must stay plain (the
+    reference that tests compare the bridge against) is loaded by this, separately."""
+    torch_dtype = parse_dtype(dtype)
+    if name == DEFAULT_MODEL:
+        hf_model, tokenizer = _load_smollm2()
+    elif name == TINY_MODEL:
+        hf_model, tokenizer = _build_tiny(_tiny_config(), seed=0)
+    elif Path(name).is_dir():
+        hf_model, tokenizer = _load_local(Path(name))
+    else:
+        hf_model, tokenizer = _load_hub(name)
+    return hf_model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 
 
 def _load_smollm2():

@@ -2,20 +2,20 @@
 decoder row or any vector) times a strength, or scale, clamp or ablate features through a sparse
 coder while keeping its reconstruction error, so every feature left alone stays exactly as it was.
 
-    with steer(model, add_feature(coder, 123, strength=8.0)):
-        model.generate("The weather today", max_new_tokens=20)
-
-    pair = compare_generations(model, "The weather today", [ablate(coder, 123)], seed=0)
+    tokens = generate(model, "The weather today", GenerateConfig(max_new_tokens=20), [add_feature(coder, 123, 8.0)])
+    pair = compare_generations(model, "The weather today", [ablate(coder, 123)])
+    with steer(model, ablate(coder, 123)):
+        logits = model(tokens)
 
 Units: a feature's strength, clamp value and activation are all in the coder's activation units
 (what `coder.encode` returns), so adding a feature at strength s adds exactly what the coder's
 decoder would add if the feature fired at s. A raw direction is added as given, times strength.
 
-Positions: `steer` tracks the absolute position of each column a hook sees, including during
-KV-cached generation, where the first forward pass holds the whole prompt and each later pass one
-new token. `positions` is "all", "new" (only positions past the prompt: the first pass seen since
-the context was entered is the prompt), or a list of positions. Position 0 is never edited: it is
-the BOS token, an attention sink that the coders were not trained on.
+Positions: "all", "new" (the generated tokens only: a generation's business, so `generate` and
+`compare_generations` take it) or a list of absolute positions. While generating, the decoder in
+interp.generation tells the hooks where each forward pass starts, so positions mean the same with
+the key-value cache as without. `steer` edits forward passes over whole sequences. Position 0 is
+never edited: it is the BOS token, an attention sink that the coders were not trained on.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import NamedTuple, Union
 
 import torch
 
+from interp.generation import Window, decode
 from interp.models import check_hooks, hook_shapes
 from interp.sae.base import SparseCoder
 
@@ -115,33 +116,32 @@ def ablate(coder: SparseCoder, feature: int) -> FeatureEdit:
     return scale(coder, feature, 0.0)
 
 
-class _PositionTracker:
-    """The absolute positions of the columns one hook point sees, pass after pass."""
-
-    def __init__(self, positions: Positions):
-        if isinstance(positions, str) and positions not in ("all", "new"):
+def check_positions(positions: Positions, generating: bool) -> Positions:
+    """Raise unless `positions` is "all", "new" (only while generating) or non-negative integers."""
+    if isinstance(positions, str):
+        if positions == "new" and not generating:
+            raise ValueError(
+                "positions='new' means the generated tokens: pass the interventions to generate() or "
+                "compare_generations(); a forward pass under steer() takes 'all' or a list of positions"
+            )
+        if positions not in ("all", "new"):
             raise ValueError(f"positions must be 'all', 'new' or a list of positions, not {positions!r}")
-        if not isinstance(positions, str) and any(not isinstance(p, int) or p < 0 for p in positions):
-            raise ValueError(f"positions must be non-negative integers, got {list(positions)}")
-        self.positions = positions
-        self.next = 0
-        self.prompt_len: int | None = None
+        return positions
+    if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in positions):
+        raise ValueError(f"positions must be non-negative integers, got {list(positions)}")
+    return list(positions)
 
-    def mask(self, seq_len: int, device) -> torch.Tensor:
-        # A one-column pass after an earlier pass continues a KV-cached generation; any other pass
-        # starts a sequence at position 0.
-        start = self.next if seq_len == 1 and self.next > 0 else 0
-        if self.prompt_len is None:
-            self.prompt_len = seq_len
-        self.next = start + seq_len
-        pos = torch.arange(start, start + seq_len, device=device)
-        if self.positions == "all":
-            keep = torch.ones_like(pos, dtype=torch.bool)
-        elif self.positions == "new":
-            keep = pos >= self.prompt_len
-        else:
-            keep = torch.isin(pos, torch.tensor(list(self.positions), device=device, dtype=pos.dtype))
-        return keep & (pos > 0)
+
+def _position_mask(positions: Positions, window: Window, seq_len: int, device) -> torch.Tensor:
+    """(seq_len,) bool: which columns of the pass now running get edited; never position 0 (BOS)."""
+    pos = torch.arange(window.start, window.start + seq_len, device=device)
+    if positions == "all":
+        keep = torch.ones_like(pos, dtype=torch.bool)
+    elif positions == "new":
+        keep = pos >= window.prompt_len
+    else:
+        keep = torch.isin(pos, torch.tensor(positions, device=device, dtype=pos.dtype))
+    return keep & (pos > 0)
 
 
 def _flat(act: torch.Tensor) -> torch.Tensor:
@@ -165,11 +165,8 @@ def check_coder_fits(model, coder: SparseCoder) -> None:
             )
 
 
-@contextmanager
-def steer(model, *interventions: Intervention, positions: Positions = "all") -> Iterator[None]:
-    """Apply `interventions` to every forward pass (and `generate` call) of `model` inside the
-    block; several at once compose (each feature edit reads the coder's clean code)."""
-    fwd_hooks = []
+def check_interventions(model, interventions: Sequence[Intervention]) -> None:
+    """Raise unless every intervention fits the model: known hooks, matching widths."""
     hook_widths = None
     for add in (i for i in interventions if isinstance(i, AddDirection)):
         hook_widths = hook_widths or hook_shapes(model)
@@ -178,27 +175,42 @@ def steer(model, *interventions: Intervention, positions: Positions = "all") -> 
             raise ValueError(
                 f"the direction has {add.direction_d.numel()} entries but {add.hook} has shape {hook_widths[add.hook]}"
             )
-        fwd_hooks.append((model.hook_dict[add.hook].name, _add_hook(add, _PositionTracker(positions))))
+    for coder in {id(i.coder): i.coder for i in interventions if isinstance(i, FeatureEdit)}.values():
+        check_coder_fits(model, coder)
+
+
+def intervention_hooks(model, interventions: Sequence[Intervention], positions: Positions, window: Window) -> list:
+    """(hook name, function) pairs applying `interventions` at `positions` of the pass that
+    `window` describes; several compose (each feature edit reads the coder's clean code)."""
+    fwd_hooks = [(model.hook_dict[i.hook].name, _add_hook(i, positions, window)) for i in interventions if isinstance(i, AddDirection)]
     edits_by_coder: dict[int, list[FeatureEdit]] = {}
     for edit in (i for i in interventions if isinstance(i, FeatureEdit)):
         edits_by_coder.setdefault(id(edit.coder), []).append(edit)
     for edits in edits_by_coder.values():
-        check_coder_fits(model, edits[0].coder)
-        fwd_hooks.extend(_edit_hooks(model, edits, _PositionTracker(positions)))
-    with model.hooks(fwd_hooks=fwd_hooks):
+        fwd_hooks.extend(_edit_hooks(model, edits, positions, window))
+    return fwd_hooks
+
+
+@contextmanager
+def steer(model, *interventions: Intervention, positions: Positions = "all") -> Iterator[None]:
+    """Apply `interventions` to every forward pass of `model` inside the block, each pass a whole
+    sequence from position 0. To steer a generation, pass them to `generate` instead."""
+    positions = check_positions(positions, generating=False)
+    check_interventions(model, interventions)
+    with model.hooks(fwd_hooks=intervention_hooks(model, interventions, positions, Window(prompt_len=0))):
         yield
 
 
-def _add_hook(add: AddDirection, tracker: _PositionTracker):
+def _add_hook(add: AddDirection, positions: Positions, window: Window):
     def hook_fn(act, hook):
-        keep = tracker.mask(act.shape[1], act.device)
+        keep = _position_mask(positions, window, act.shape[1], act.device)
         delta = (add.strength * add.direction_d.to(act.device, act.dtype)).reshape(act.shape[2:])
         return act + keep.view(1, -1, *([1] * (act.dim() - 2))) * delta
 
     return hook_fn
 
 
-def _edit_hooks(model, edits: list[FeatureEdit], tracker: _PositionTracker) -> list:
+def _edit_hooks(model, edits: list[FeatureEdit], positions: Positions, window: Window) -> list:
     coder = edits[0].coder
     read_name = model.hook_dict[coder.cfg.hook].name
     write_name = model.hook_dict[output_hook(coder)].name
@@ -213,7 +225,7 @@ def _edit_hooks(model, edits: list[FeatureEdit], tracker: _PositionTracker) -> l
     def write(act, hook):
         x_bsd = _flat(act) if read_name == write_name else seen.pop("x")
         b, s = x_bsd.shape[:2]
-        keep_s = tracker.mask(s, act.device)
+        keep_s = _position_mask(positions, window, s, act.device)
         with torch.no_grad():
             code = coder.encode(x_bsd.reshape(b * s, -1).to(coder.W_dec.device))
         # The clean activation of each edited feature per token: sum over the slots holding it.
@@ -256,19 +268,25 @@ class GenerateConfig:
     """Seed of the first sample."""
     positions: list[int] | str = field(default="all")
     """Where to steer: 'all', 'new' (generated tokens only) or a list of positions (BOS is never steered)."""
+    stop_at_eos: bool = True
+    """End a continuation at the tokenizer's end-of-sequence token (kept as its last token)."""
 
 
-def generate(model, prompt: str, cfg: GenerateConfig, seed: int) -> list[int]:
-    """The token ids of one continuation of `prompt`, reproducible from `seed`."""
-    tokens = model.to_tokens(prompt)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        out = model.generate(
-            tokens, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-            temperature=cfg.temperature if cfg.temperature > 0 else 1.0, top_k=cfg.top_k,
-            stop_at_eos=False, verbose=False, return_type="tokens",
-        )
-    return out[0, tokens.shape[1]:].tolist()
+def generate(model, prompt: str, cfg: GenerateConfig | None = None, interventions: Sequence[Intervention] = ()) -> list[list[int]]:
+    """Token ids of `cfg.samples` continuations of `prompt` (sample i drawn with seed + i), with
+    `interventions` applied at `cfg.positions`: exactly what a loop of full forward passes under
+    the same interventions would produce (see interp.generation)."""
+    cfg = cfg or GenerateConfig()
+    if cfg.samples < 1 or cfg.max_new_tokens < 1:
+        raise ValueError("samples and max_new_tokens must be at least 1")
+    temperature = check_finite("temperature", cfg.temperature)
+    positions = check_positions(cfg.positions, generating=True)
+    check_interventions(model, interventions)
+    hooks = (lambda window: intervention_hooks(model, interventions, positions, window)) if interventions else None
+    return decode(
+        model, model.to_tokens(prompt)[0].tolist(), cfg.max_new_tokens, [cfg.seed + i for i in range(cfg.samples)],
+        temperature=temperature, top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos, hooks=hooks,
+    )
 
 
 def compare_generations(
@@ -277,15 +295,7 @@ def compare_generations(
     """Baseline and steered continuations of `prompt`, sample by sample with the same seed, so
     any difference comes from the steering."""
     cfg = cfg or GenerateConfig()
-    if cfg.samples < 1 or cfg.max_new_tokens < 1:
-        raise ValueError("samples and max_new_tokens must be at least 1")
-    check_finite("temperature", cfg.temperature)
-    seeds = [cfg.seed + i for i in range(cfg.samples)]
-    baseline = [generate(model, prompt, cfg, s) for s in seeds]
-    steered = []
-    for s in seeds:
-        # A fresh context per sample: its position tracking starts at the new prompt.
-        with steer(model, *interventions, positions=cfg.positions):
-            steered.append(generate(model, prompt, cfg, s))
-    decode = model.tokenizer.decode
-    return GenerationPair(prompt, [decode(t) for t in baseline], [decode(t) for t in steered], baseline, steered)
+    baseline = generate(model, prompt, cfg)
+    steered = generate(model, prompt, cfg, interventions)
+    decode_text = model.tokenizer.decode
+    return GenerationPair(prompt, [decode_text(t) for t in baseline], [decode_text(t) for t in steered], baseline, steered)

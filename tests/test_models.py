@@ -45,10 +45,8 @@ def test_local_config_folder(tmp_path, tiny_model):
     assert model.cfg.d_model == tiny_model.cfg.d_model
 
 
-def test_embedded_model_loads_from_cache_and_knows_paris(smollm2):
+def test_embedded_model_loads_from_cache(smollm2):
     start = time.perf_counter()
     again = load_model("smollm2-135m")
     assert time.perf_counter() - start < 15, "the dequantized weights should be cached"
     assert again.cfg.n_layers == 30 and again.cfg.d_model == 576 and again.cfg.d_vocab == 49152
-    text = smollm2.generate("The capital of France is", max_new_tokens=3, do_sample=False, verbose=False)
-    assert "Paris" in text

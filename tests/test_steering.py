@@ -12,8 +12,10 @@ from interp.features import logit_lens
 from interp.run import RunConfig, train_run
 from interp.sae import create_coder, load_sae
 from interp.train import TrainConfig
+from interp.generation import decode
 from interp.steering import (
-    GenerateConfig, ablate, add_direction, add_feature, clamp, compare_generations, feature_direction, scale, steer,
+    GenerateConfig, ablate, add_direction, add_feature, clamp, compare_generations, feature_direction,
+    intervention_hooks, scale, steer,
 )
 
 SAE_HOOKS = {"sae": ("blocks.0.hook_resid_post", None), "transcoder": ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")}
@@ -100,9 +102,11 @@ def test_new_positions_only_steer_generated_tokens(tiny_model):
         steps.append(act.detach().clone())
         return act
 
-    with torch.no_grad(), steer(tiny_model, add_direction(hook, direction, 10.0), positions="new"):
-        with tiny_model.hooks(fwd_hooks=[(tiny_model.hook_dict[hook].name, log_step)]):
-            tiny_model.generate(tokens, max_new_tokens=3, verbose=False, do_sample=False)
+    def hooks(window):
+        steering = intervention_hooks(tiny_model, [add_direction(hook, direction, 10.0)], "new", window)
+        return steering + [(tiny_model.hook_dict[hook].name, log_step)]
+
+    decode(tiny_model, tokens[0].tolist(), 3, [0], hooks=hooks, use_cache=True)
     # The prompt pass is untouched; each cached one-token pass carries the direction.
     torch.testing.assert_close(steps[0], cache[hook])
     assert len(steps) == 3 and all(s.shape[1] == 1 for s in steps[1:])
@@ -113,7 +117,7 @@ def test_new_positions_only_steer_generated_tokens(tiny_model):
 
 def test_side_by_side_generations_share_seeds(tiny_model):
     coder = tiny_coder()
-    cfg = GenerateConfig(max_new_tokens=6, samples=2, seed=3)
+    cfg = GenerateConfig(max_new_tokens=6, samples=2, seed=3, stop_at_eos=False)
     same = compare_generations(tiny_model, "Hello", [add_feature(coder, 1, 0.0)], cfg)
     assert same.baseline_tokens == same.steered_tokens and len(same.baseline_tokens) == 2
     assert len(same.baseline_tokens[0]) == 6 and same.baseline_tokens[0] != same.baseline_tokens[1]
