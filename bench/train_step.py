@@ -6,11 +6,12 @@ floor no TopK SAE can beat (the dense encoder matmul + top-k alone).
 Every contender trains on the same activations, already in memory, with Adam. interp runs its
 real trainer step (interp.train.Trainer.train_step: forward, FVU + AuxK, sparse backward through
 interp.kernels, decoder-parallel gradient removed, clipping, Adam, decoder renormalised).
-The peers run in their own virtual environments under bench/.peers/ (created on first use,
-with this environment's torch version), through the runners in bench/peers/. Every contender is
-measured in each of --rounds interleaved rounds and the medians are compared; within a round,
-interp and the floor alternate step by step, so their ratio survives a shared machine's slow
-spells (the peers run in other processes and cannot be paired so). The last line is
+The peers run in their own virtual environments under bench/.peers/ (SAE Lens pins
+transformer-lens < 4), through the runners in bench/peers/; bench/peers/environment.py creates
+each on first use, atomically, with this environment's torch version and progress on stderr. Every
+contender is measured in each of --rounds interleaved rounds and the medians are compared;
+within a round, interp and the floor alternate step by step, so their ratio survives a shared
+machine's slow spells (the peers run in other processes and cannot be paired so). The last line is
 `train-step tok/s: interp=N floor=N sparsify=N saelens=N`; a peer that cannot run prints NA,
 with the reason on the line before.
 """
@@ -33,9 +34,7 @@ from interp.train import TrainConfig, Trainer
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH / "peers"))
 from common import activations  # noqa: E402
-
-PEERS = {"sparsify": "eai-sparsify", "saelens": "sae-lens"}
-LOCAL_WHEELS = Path("/opt/wheels")
+from environment import PEERS, peer_python  # noqa: E402
 
 
 def interp_and_floor(x_bd: torch.Tensor, n: int, k: int, steps: int) -> tuple[float, float]:
@@ -69,30 +68,11 @@ def interp_and_floor(x_bd: torch.Tensor, n: int, k: int, steps: int) -> tuple[fl
     return tuple(len(x_bd) * steps / s for s in seconds)
 
 
-def peer_python(name: str) -> Path:
-    """The peer's interpreter, creating its environment first if needed."""
-    venv = BENCH / ".peers" / name
-    python = venv / "bin" / "python"
-    if python.exists():
-        return python
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-    # Our torch first, from a local wheel when there is one: an unpinned torch would pull a
-    # multi-gigabyte CUDA build, and the peer must not be timed on a different torch.
-    torch_req = f"torch=={torch.__version__}"
-    wheels = ["--find-links", str(LOCAL_WHEELS)] if LOCAL_WHEELS.is_dir() else []
-    if "+cpu" in torch.__version__:
-        wheels += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-    for requirement in (torch_req, PEERS[name]):
-        done = subprocess.run([str(python), "-m", "pip", "install", "-q", *wheels, requirement], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"pip install {requirement} failed: {done.stderr.strip()[-300:]}")
-    return python
-
-
 def peer(name: str, d: int, n: int, k: int, tokens: int, steps: int) -> float:
     python = peer_python(name)
     shape = [f"--d={d}", f"--n={n}", f"--k={k}", f"--tokens={tokens}", f"--steps={steps}"]
-    done = subprocess.run([str(python), str(BENCH / "peers" / f"{name}_step.py"), *shape], capture_output=True, text=True)
+    done = subprocess.run([str(python), str(BENCH / "peers" / f"{name}_step.py"), *shape],
+                          check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}")
     return float(done.stdout.strip().splitlines()[-1])

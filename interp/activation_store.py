@@ -19,8 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from interp.activations import Activations, ModelChunks, grad_key
+from interp.activations import ModelChunks
 from interp.atomic import write_json, write_tensors
+from interp.errors import BadInput, NotFound
+from interp.hooks import Activations, grad_key
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -61,14 +63,14 @@ class StoreManifest:
 def read_manifest(folder: Path) -> StoreManifest:
     path = Path(folder) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{folder} is not an activation store: it has no {MANIFEST} (write one with `interp cache`)")
+        raise NotFound(f"{folder} is not an activation store: it has no {MANIFEST} (write one with `interp cache`)")
     try:
         data = json.loads(path.read_text())
         manifest = StoreManifest(**data)
     except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"{path} is malformed: {err}") from err
+        raise BadInput(f"{path} is malformed: {err}") from err
     if manifest.format_version != STORE_VERSION:
-        raise ValueError(f"{path} has format_version {manifest.format_version}; this interp reads {STORE_VERSION}")
+        raise BadInput(f"{path} has format_version {manifest.format_version}; this interp reads {STORE_VERSION}")
     return manifest
 
 
@@ -79,7 +81,7 @@ def write_store(folder: str | Path, source: ModelChunks, manifest: StoreManifest
     if (folder / MANIFEST).exists():
         existing = read_manifest(folder)
         if existing.settings() != manifest.settings():
-            raise ValueError(
+            raise BadInput(
                 f"{folder} already holds a store with other settings {existing.settings()}; "
                 f"choose another --out or repeat the original settings to resume it"
             )
@@ -112,7 +114,7 @@ class StoreChunks:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if not self.manifest.complete:
-            raise ValueError(
+            raise BadInput(
                 f"{self.folder} is unfinished ({self.manifest.tokens} of {self.manifest.target_tokens} tokens); "
                 f"run the same `interp cache` command again to finish it"
             )
@@ -120,7 +122,7 @@ class StoreChunks:
         missing = [k for k in keys if k not in available]
         if missing:
             hint = " (gradients are stored only by `interp cache --with-grads`)" if any(k.endswith(":grad") for k in missing) else ""
-            raise ValueError(f"{self.folder} does not hold {missing}{hint}; it holds {available}")
+            raise BadInput(f"{self.folder} does not hold {missing}{hint}; it holds {available}")
         self.keys = keys
 
     def chunks(self, start: int = 0) -> Iterator[Activations]:
@@ -132,7 +134,7 @@ class StoreChunks:
             try:
                 tensors = load_file(path)
             except (SafetensorError, OSError) as err:
-                raise ValueError(f"{path} is corrupt or missing: {err}; re-run `interp cache` into a new folder") from err
+                raise BadInput(f"{path} is corrupt or missing: {err}; re-run `interp cache` into a new folder") from err
             yield {key: tensors[key] for key in self.keys}
             index += 1
 

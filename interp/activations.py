@@ -12,8 +12,8 @@ Two layers:
 
 Several hooks come out of one forward pass, which stops after the deepest hooked block. With
 `with_grads`, the pass instead runs to the next-token loss and also returns, under
-`grad_key(hook)`, the gradient of the summed loss with respect to each hooked activation (for
-gradient SAEs).
+`interp.hooks.grad_key(hook)`, the gradient of the summed loss with respect to each hooked
+activation (for gradient SAEs).
 """
 
 from __future__ import annotations
@@ -25,19 +25,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from interp.data import TokenBatch
-from interp.models import check_hooks, stop_layer
+from interp.errors import BadInput
+from interp.hooks import Activations, capture
+from interp.models import check_hooks
 
 log = logging.getLogger(__name__)
 
-Activations = dict[str, torch.Tensor]
-
-
-def grad_key(hook: str) -> str:
-    return f"{hook}:grad"
-
 
 class ModelChunks:
-    """Activations at `hooks` for each token batch that `token_batches()` yields."""
+    """Activations at `hooks` for each token batch that `token_batches()` yields (see
+    `interp.hooks.capture`), BOS and padding dropped."""
 
     def __init__(
         self,
@@ -51,7 +48,6 @@ class ModelChunks:
         self.token_batches = token_batches
         self.hooks = list(dict.fromkeys(hooks))
         self.with_grads = with_grads
-        self.stop_at_layer = None if with_grads else stop_layer(model, self.hooks)
 
     def chunks(self, start: int = 0) -> Iterator[Activations]:
         index, epoch = 0, 0
@@ -60,56 +56,15 @@ class ModelChunks:
             for batch in self.token_batches():
                 produced = True
                 if index >= start:
-                    yield self.run(batch)
+                    yield capture(self.model, batch.tokens_bt, self.hooks, batch.mask_bt, self.with_grads)
                 index += 1
             if not produced:
-                raise ValueError(
+                raise BadInput(
                     "the dataset is too small for one batch of sequences; "
                     "use more text, a smaller --batch-size or a smaller --context-size"
                 )
             epoch += 1
             log.warning("dataset exhausted after %d batches; starting epoch %d", index, epoch + 1)
-
-    def run(self, batch: TokenBatch) -> Activations:
-        device = self.model.cfg.device
-        tokens = batch.tokens_bt.to(device)
-        mask = batch.mask_bt.to(device)
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(act, hook):
-            if self.with_grads:
-                act = act.detach().requires_grad_(True)
-                captured[hook.name] = act
-                return act
-            captured[hook.name] = act.detach()
-            return act
-
-        names = {h: self.model.hook_dict[h].name for h in self.hooks}
-        fwd_hooks = [(name, capture) for name in set(names.values())]
-        if self.with_grads:
-            with torch.enable_grad():
-                loss = self.model.run_with_hooks(
-                    tokens, fwd_hooks=fwd_hooks, return_type="loss", loss_per_token=True
-                )
-                loss.sum().backward()
-        else:
-            with torch.no_grad():
-                self.model.run_with_hooks(
-                    tokens, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=self.stop_at_layer
-                )
-        out: Activations = {}
-        for hook, name in names.items():
-            act = captured[name]
-            out[hook] = flatten_positions(act.detach(), mask)
-            if self.with_grads:
-                out[grad_key(hook)] = flatten_positions(act.grad, mask)
-        return out
-
-
-def flatten_positions(act: torch.Tensor, mask_bt: torch.Tensor) -> torch.Tensor:
-    """(batch, pos, *feature dims) -> (kept positions, prod(feature dims)); heads of hook_z are
-    concatenated."""
-    return act[mask_bt].reshape(int(mask_bt.sum()), -1)
 
 
 @dataclass
@@ -127,7 +82,7 @@ class ShuffleBuffer:
 
     def __init__(self, source, buffer_tokens: int, batch_tokens: int, seed: int):
         if buffer_tokens < batch_tokens:
-            raise ValueError(
+            raise BadInput(
                 f"the shuffle buffer ({buffer_tokens} tokens) must hold at least one batch "
                 f"({batch_tokens} tokens)"
             )

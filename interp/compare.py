@@ -22,16 +22,16 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from interp.activation_store import read_manifest
 from interp.atomic import write_json
-from interp.data import DataConfig
+from interp.errors import BadInput
+from interp.hooks import coder_hooks
 from interp.metrics import reconstruction_metrics, splice_metrics_many
-from interp.models import load_model
 from interp.run import (
     EVAL_FILE,
     RunConfig,
@@ -40,7 +40,7 @@ from interp.run import (
     train_run,
 )
 from interp.sae import coder_class, load_sae
-from interp.train import CHECKPOINT, norm_bound
+from interp.train import CHECKPOINT, TrainConfig, norm_bound
 
 COLUMNS = {
     "fvu": "FVU",
@@ -57,14 +57,14 @@ LOWER_IS_BETTER = {"fvu": True, "dead_frac": True, "kl": True, "loss_recovered":
 
 @dataclass
 class CompareConfig:
-    base: RunConfig
-    """Settings every run shares; `activations` must name a store (from `interp cache`), whose model is used and whose first hook is the default."""
-    archs: list[str] = field(default_factory=lambda: ["topk", "batchtopk", "mutual_choice", "feature_choice", "gradient"])
-    """Architectures to compare (registered in interp.sae)."""
-    ks: list[int] = field(default_factory=lambda: [16, 48])
-    """Sparsity budgets k (active latents per token, on average for batch-level coders)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    """Training seeds; the ranking is checked for agreement across them."""
+    base: RunConfig = field(default_factory=lambda: RunConfig(hook="", train=TrainConfig(eval_every=0)))
+    """Settings every run shares; `activations` must name a store (from `interp cache`), whose model is used and whose first hook is the default (hook "")."""
+    archs: list[str] = field(default_factory=lambda: ["topk", "batchtopk", "mutual_choice", "feature_choice", "gradient"], metadata={"flag": "arch"})
+    """Architecture to compare; repeat for several."""
+    ks: list[int] = field(default_factory=lambda: [16, 48], metadata={"flag": "k"})
+    """Sparsity budget k (active latents per token, on average for batch-level coders); repeat for several."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"flag": "seed"})
+    """Training seed; repeat for several (the ranking is checked for agreement across them)."""
 
 
 def run_name(arch: str, k: int, seed: int) -> str:
@@ -75,35 +75,37 @@ def compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
     """Train (or read back) every run, evaluate them together, then write compare.json,
     compare.md and compare.html."""
     if not cfg.base.activations:
-        raise ValueError("a comparison trains every architecture on the same cached activations: pass --activations")
+        raise BadInput("a comparison trains every architecture on the same cached activations: pass --activations")
     unknown = set(cfg.base.coder_options) - set().union(*(option_names(arch) for arch in cfg.archs))
     if unknown:
-        raise ValueError(f"options {sorted(unknown)} belong to none of the compared architectures {cfg.archs}")
+        raise BadInput(f"options {sorted(unknown)} belong to none of the compared architectures {cfg.archs}")
     manifest = read_manifest(Path(cfg.base.activations))
-    cfg.base.model = manifest.model
-    cfg.base.hook = cfg.base.hook or manifest.hooks[0]
-    # Held-out evaluation runs on the text the store was made from, as train_run's does.
-    cfg.base.data = DataConfig(manifest.dataset, manifest.context_size, cfg.base.data.text_field)
-    if cfg.base.train.max_norm_ratio is not None and "max_input_norm" not in cfg.base.coder_options:
+    # Every run trains on the store's model and hook, and is evaluated on the text it was made from.
+    base = replace(
+        copy.deepcopy(cfg.base), model=manifest.model, hook=cfg.base.hook or manifest.hooks[0],
+        data=replace(cfg.base.data, dataset=manifest.dataset, context_size=manifest.context_size),
+    )
+    bound = None
+    if base.train.max_norm_ratio is not None:
         # One bound for every run (from the store's first shard), so that all runs cover the same
         # tokens and share the clean and zero-ablated passes.
-        first_shard = load_file(Path(cfg.base.activations) / manifest.shards[0]["file"])
-        cfg.base.coder_options["max_input_norm"] = norm_bound(first_shard[cfg.base.hook], cfg.base.train.max_norm_ratio)
+        first_shard = load_file(Path(base.activations) / manifest.shards[0]["file"])
+        bound = norm_bound(first_shard[base.hook], base.train.max_norm_ratio)
     out = Path(out)
     keys = [(arch, k, seed) for k in cfg.ks for arch in cfg.archs for seed in cfg.seeds]
     folders = {key: out / "runs" / run_name(*key) for key in keys}
     for key in keys:
         if not (folders[key] / SPEED_FILE).exists():
-            _train(cfg.base, *key, folders[key], progress)
+            _train(base, *key, folders[key], bound, progress)
     pending = [folders[key] for key in keys if not (folders[key] / EVAL_FILE).exists()]
     if pending:
-        evaluate_together(cfg.base, pending, progress)
+        evaluate_together(base, pending, progress)
     runs = []
     for (arch, k, seed), folder in folders.items():
         metrics = json.loads((folder / EVAL_FILE).read_text())
         runs.append({"arch": arch, "k": k, "seed": seed, **{key: metrics[key] for key in COLUMNS}})
     summary = summarize(runs, cfg)
-    result = {"settings": asdict(cfg), "runs": runs, **summary}
+    result = {"settings": asdict(replace(cfg, base=base)), "runs": runs, **summary}
     write_json(out / "compare.json", result)
     (out / "compare.md").write_text(markdown_table(result))
     write_figure(result, out / "compare.html")
@@ -114,13 +116,12 @@ def option_names(arch: str) -> set[str]:
     return {f.name for f in fields(coder_class(arch).config_class)}
 
 
-def _train(base: RunConfig, arch: str, k: int, seed: int, run_dir: Path, progress: bool) -> None:
-    cfg = copy.deepcopy(base)
-    cfg.arch, cfg.k, cfg.train.seed = arch, k, seed
+def _train(base: RunConfig, arch: str, k: int, seed: int, run_dir: Path, bound: float | None, progress: bool) -> None:
     # An architecture-specific option (say g-SAE's beta) goes to the architectures that have it.
-    cfg.coder_options = {name: v for name, v in base.coder_options.items() if name in option_names(arch)}
+    options = {name: v for name, v in base.coder_options.items() if name in option_names(arch)}
+    cfg = replace(copy.deepcopy(base), arch=arch, coder_options={**options, "k": k}, train=replace(base.train, seed=seed))
     resume = (run_dir / CHECKPOINT).exists()  # a comparison killed mid-run continues it
-    metrics = train_run(cfg, run_dir, resume=resume, progress=progress, evaluate=False)[2]
+    metrics = train_run(cfg, run_dir, resume=resume, progress=progress, evaluate=False, max_input_norm=bound)[2]
     write_json(run_dir / SPEED_FILE, metrics)
 
 
@@ -128,10 +129,9 @@ def evaluate_together(base: RunConfig, run_dirs: list[Path], progress: bool) -> 
     """Held-out metrics of several coders of one hook: the model, the held-out activations and
     the clean and zero-ablated passes are computed once for all of them."""
     coders = [load_sae(folder) for folder in run_dirs]
-    model = load_model(base.model, base.device, base.dtype)
-    hooks = [coders[0].cfg.hook] + ([coders[0].cfg.target_hook] if coders[0].cfg.target_hook else [])
-    heldout = heldout_activations(model, base, hooks)
-    spliced = splice_metrics_many(model, coders, heldout_token_batches(model, base, base.splice_tokens), progress)
+    model = base.load()
+    heldout = heldout_activations(model, base.data, coder_hooks(coders[0]), base.eval_tokens)
+    spliced = splice_metrics_many(model, coders, heldout_token_batches(model, base.data, base.splice_tokens), progress)
     for folder, coder, splice in zip(run_dirs, coders, spliced):
         metrics = {**reconstruction_metrics(coder, heldout), **splice, **json.loads((folder / SPEED_FILE).read_text())}
         coder.meta["eval"] = metrics

@@ -19,6 +19,7 @@ from plotly.offline import get_plotlyjs
 
 from interp.atomic import write_text
 from interp.features import FeatureResults
+from interp.hooks import written_hook
 
 DASHBOARD_FILE = "dashboard.html"
 
@@ -65,7 +66,7 @@ def write_dashboard(results: FeatureResults, path: str | Path, top_contexts: int
     # JSON inside <script> must not close the element early.
     data = data.replace("</", "<\\/")
     coder = results.coder_info
-    title = html.escape(f"{coder['arch']} coder on {coder['model']} {coder['target_hook'] or coder['hook']}")
+    title = html.escape(f"{coder['arch']} coder on {coder['model']} {written_hook(coder['hook'], coder['target_hook'])}")
     page = _PAGE.replace("{title}", title).replace("{plotly}", get_plotlyjs()).replace("{data}", data).replace("{script}", _SCRIPT)
     write_text(path, page)
     return path

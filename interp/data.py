@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from interp.errors import BadInput, MissingField, NotFound, Unavailable, check_positive
+
 BUILTIN = "builtin"
 HOLDOUT_EVERY = 20
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -39,6 +41,22 @@ class DataConfig:
     """Tokens per sequence, BOS included."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet files and Hugging Face datasets."""
+    model_batch: int = 16
+    """Sequences per model forward pass."""
+
+    def __post_init__(self):
+        if isinstance(self.context_size, bool) or not isinstance(self.context_size, int) or self.context_size < 2:
+            raise BadInput(f"context_size must be at least 2 (BOS + one token), got {self.context_size!r}")
+        check_positive("model_batch", self.model_batch)
+
+    def batches(self, tokenizer, split: str) -> Iterator[TokenBatch]:
+        """The token batches of `split` ('train' or 'test'), in a fixed order."""
+        return iter_token_batches(tokenizer, iter_texts(self.dataset, split, self.text_field), self.context_size, self.model_batch)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Activations one batch yields (BOS left out)."""
+        return self.model_batch * (self.context_size - 1)
 
 
 @dataclass
@@ -52,7 +70,7 @@ class TokenBatch:
 def iter_texts(dataset: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
     """The documents of `dataset` in a fixed order; `split` is 'train' or 'test' (held out)."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        raise BadInput(f"split must be 'train' or 'test', not {split!r}")
     docs = _documents(dataset, text_field)
     for index, doc in enumerate(docs):
         held_out = index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
@@ -67,7 +85,7 @@ def _documents(dataset: str, text_field: str) -> Iterator[str]:
     if path.exists():
         return _local_documents(path, text_field)
     if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in TEXT_SUFFIXES:
-        raise FileNotFoundError(f"dataset path {dataset!r} does not exist")
+        raise NotFound(f"dataset path {dataset!r} does not exist")
     return _hub_documents(dataset, text_field)
 
 
@@ -100,7 +118,7 @@ def builtin_corpus() -> tuple[str, ...]:
 def _local_documents(path: Path, text_field: str) -> Iterator[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(TEXT_SUFFIXES)} files under {path}")
+        raise NotFound(f"no {'/'.join(TEXT_SUFFIXES)} files under {path}")
     for file in files:
         if file.suffix == ".txt":
             # Blank-line separated paragraphs of a .txt file are its documents.
@@ -110,7 +128,7 @@ def _local_documents(path: Path, text_field: str) -> Iterator[str]:
         elif file.suffix == ".parquet":
             yield from _parquet_texts(file, text_field)
         else:
-            raise ValueError(f"{file}: unsupported file type; use one of {', '.join(TEXT_SUFFIXES)}")
+            raise BadInput(f"{file}: unsupported file type; use one of {', '.join(TEXT_SUFFIXES)}")
 
 
 def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
@@ -120,7 +138,7 @@ def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
                 continue
             record = json.loads(line)
             if text_field not in record:
-                raise KeyError(f"{file}:{number} has no field {text_field!r} (fields: {', '.join(record)})")
+                raise MissingField(f"{file}:{number} has no field {text_field!r} (fields: {', '.join(record)})")
             yield record[text_field]
 
 
@@ -129,7 +147,7 @@ def _parquet_texts(file: Path, text_field: str) -> Iterator[str]:
 
     table = pq.read_table(file)
     if text_field not in table.column_names:
-        raise KeyError(f"{file} has no column {text_field!r} (columns: {', '.join(table.column_names)})")
+        raise MissingField(f"{file} has no column {text_field!r} (columns: {', '.join(table.column_names)})")
     yield from table.column(text_field).to_pylist()
 
 
@@ -139,7 +157,7 @@ def _hub_documents(name: str, text_field: str) -> Iterator[str]:
     try:
         stream = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as err:  # the hub raises many types; all mean the same to the user
-        raise RuntimeError(
+        raise Unavailable(
             f"could not open dataset {name!r}: it is not a local path, and the Hugging Face hub "
             f"failed ({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
             f"Offline, use {BUILTIN!r} or a local .txt/.jsonl/.parquet file or folder."
@@ -153,7 +171,7 @@ def iter_token_batches(
 ) -> Iterator[TokenBatch]:
     """Pack `texts` into batches of `batch_size` rows of `context_size` tokens, BOS first."""
     if context_size < 2:
-        raise ValueError(f"context_size must be at least 2 (BOS + one token), got {context_size}")
+        raise BadInput(f"context_size must be at least 2 (BOS + one token), got {context_size}")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     body = context_size - 1
     pending: list[int] = []
@@ -170,7 +188,7 @@ def iter_token_batches(
                 yield _batch(rows)
                 rows = []
     if empty:
-        raise ValueError("the dataset holds no text: it yielded no documents")
+        raise BadInput("the dataset holds no text: it yielded no documents")
 
 
 def _batch(rows: list[list[int]]) -> TokenBatch:

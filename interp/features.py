@@ -26,11 +26,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from interp.activations import ModelChunks
 from interp.atomic import write_json, write_tensors
-from interp.data import DataConfig, iter_texts, iter_token_batches
-from interp.sae.base import SparseCoder
-from interp.steering import check_coder_fits, check_feature, output_hook
+from interp.data import DataConfig
+from interp.errors import BadInput, NotFound
+from interp.hooks import capture, check_coder_fits, output_hook
+from interp.run import coder_model
+from interp.sae.base import SparseCoder, check_latent
 
 FEATURES_DIR = "features"
 # Activations live in the coder's normalised units (inputs scaled to E||x||^2 = d): fixed log bins
@@ -52,8 +53,6 @@ class FeatureConfig:
     """Tokens of context kept after the activating token."""
     logit_tokens: int = 10
     """Top and bottom logit-lens tokens kept per feature."""
-    model_batch: int = 16
-    """Sequences per model forward pass."""
     seed: int = 0
     """Seed of the random sample of firings."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -104,10 +103,7 @@ class FeatureResults:
         return "lens_top_ids_nt" in self.tensors
 
     def check(self, feature: int) -> int:
-        n = self.n_latents
-        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:
-            raise ValueError(f"feature {feature!r} is out of range: the coder has {n} latents (0 to {n - 1})")
-        return feature
+        return check_latent(feature, self.n_latents)
 
     def top_contexts(self, feature: int, n: int | None = None) -> list[Context]:
         self.check(feature)
@@ -167,13 +163,25 @@ class FeatureResults:
         return folder
 
 
+def run_features(run_dir: str | Path, coder: SparseCoder, cfg: FeatureConfig, recompute: bool = False,
+                 progress: bool = True) -> tuple[FeatureResults, bool]:
+    """(results, reused): the feature results saved in `run_dir`, unless `recompute` or there are
+    none; then one pass as `cfg` says over the coder's model, saved there."""
+    if (Path(run_dir) / FEATURES_DIR / "features.json").exists() and not recompute:
+        return load_features(run_dir), True
+    results = collect_features(coder_model(coder, str(coder.W_dec.device)), coder, cfg, progress)
+    results.save(run_dir)
+    return results, False
+
+
 def load_features(run_dir: str | Path) -> FeatureResults:
     """Reload what `collect_features` saved in `run_dir`; needs neither the model nor the coder."""
     folder = Path(run_dir) / FEATURES_DIR
     if not (folder / "features.json").exists() or not (folder / "features.safetensors").exists():
-        raise FileNotFoundError(f"{run_dir} holds no feature results; run `interp features {run_dir}` first")
+        raise NotFound(f"{run_dir} holds no feature results; run `interp features {run_dir}` first")
     meta = json.loads((folder / "features.json").read_text())
     cfg_data = meta["config"]
+    cfg_data.pop("model_batch", None)  # results saved before it moved into DataConfig
     cfg = FeatureConfig(**{**cfg_data, "data": DataConfig(**cfg_data["data"])})
     return FeatureResults(cfg, meta["coder"], meta["n_tokens"], meta["vocab"], load_file(folder / "features.safetensors"))
 
@@ -243,16 +251,12 @@ def collect_features(model, coder: SparseCoder, cfg: FeatureConfig | None = None
     n_bins = len(HIST_EDGES) - 1
     hist_nb = torch.zeros(n * n_bins, dtype=torch.long)
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = iter_token_batches(
-        model.tokenizer, iter_texts(cfg.data.dataset, "train", cfg.data.text_field), cfg.data.context_size, cfg.model_batch
-    )
-    source = ModelChunks(model, lambda: batches, [coder.cfg.hook])
     seen = 0
     bar = tqdm(total=cfg.tokens, desc="features", unit="tok", disable=not progress)
-    for batch in batches:
+    for batch in cfg.data.batches(model.tokenizer, "train"):
         if seen >= cfg.tokens:
             break
-        acts_td = source.run(batch)[coder.cfg.hook].to(device)
+        acts_td = capture(model, batch.tokens_bt, [coder.cfg.hook], batch.mask_bt)[coder.cfg.hook].to(device)
         code = coder.encode(acts_td)
         indices_tk, values_tk = code.indices_bk.cpu(), code.values_bk.float().cpu()
         b, s = batch.tokens_bt.shape
@@ -287,7 +291,7 @@ def collect_features(model, coder: SparseCoder, cfg: FeatureConfig | None = None
         bar.update(len(acts_td))
     bar.close()
     if seen == 0:
-        raise ValueError(f"the dataset {cfg.data.dataset!r} is too small for one batch of {cfg.model_batch} sequences")
+        raise BadInput(f"the dataset {cfg.data.dataset!r} is too small for one batch of {cfg.data.model_batch} sequences")
     tensors = {
         "fires_n": fires_n, "act_sum_n": act_sum_n, "hist_nb": hist_nb.reshape(n, n_bins),
         "top_values_nk": top.values_nk, "top_tokens_nkw": top.tokens_nkw, "top_acts_nkw": top.acts_nkw,
@@ -312,7 +316,7 @@ def residual_directions(model, coder: SparseCoder) -> torch.Tensor | None:
     """Each feature's decoder direction as a residual-stream vector (n, d_model): as is for a
     residual-width hook, through W_O for `attn.hook_z`; None where no linear map applies."""
     hook = output_hook(coder)
-    rows_nd = coder.W_dec.detach() / coder.out_scale
+    rows_nd = coder.model_units().W_dec
     if hook.endswith("attn.hook_z"):
         layer = int(hook.split(".")[1])
         W_O = model.blocks[layer].attn.W_O  # (heads, d_head, d_model)
@@ -355,14 +359,10 @@ def features_on_text(model, coder: SparseCoder, text: str, top: int = 5) -> list
     """Per token of `text` (BOS left out), the `top` features that fire most on it."""
     check_coder_fits(model, coder)
     tokens = model.to_tokens(text)
-    acts = {}
-
-    def grab(act, hook):
-        acts["x"] = act.reshape(*act.shape[:2], -1)[0, 1:]
-        return act
-
-    model.run_with_hooks(tokens, fwd_hooks=[(model.hook_dict[coder.cfg.hook].name, grab)], return_type=None)
-    code = coder.encode(acts["x"].to(coder.W_dec.device))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    acts_td = capture(model, tokens, [coder.cfg.hook], mask)[coder.cfg.hook]
+    code = coder.encode(acts_td.to(coder.W_dec.device))
     out = []
     for token_id, idx_k, val_k in zip(tokens[0, 1:].tolist(), code.indices_bk.cpu(), code.values_bk.cpu()):
         order = val_k.argsort(descending=True)
@@ -373,7 +373,7 @@ def features_on_text(model, coder: SparseCoder, text: str, top: int = 5) -> list
 
 def feature_activations(model, coder: SparseCoder, text: str, feature: int) -> tuple[list[str], list[float]]:
     """The tokens of `text` (BOS left out) and `feature`'s activation on each."""
-    check_feature(coder, feature)
+    coder.check_feature(feature)
     per_token = features_on_text(model, coder, text, top=coder.cfg.n_latents)
     return [t.token for t in per_token], [dict(t.features).get(feature, 0.0) for t in per_token]
 
@@ -389,7 +389,7 @@ def search_features(results: FeatureResults, query: str, limit: int = 20) -> lis
     """Features whose top-activating tokens or logit-lens top tokens contain `query` (case-
     insensitive), most hits first."""
     if not query:
-        raise ValueError("the search text is empty")
+        raise BadInput("the search text is empty")
     needle = query.lower()
     matches_vocab = torch.tensor([needle in text.lower() for text in results.vocab] + [False])
     t = results.tensors
@@ -410,7 +410,7 @@ def search_features(results: FeatureResults, query: str, limit: int = 20) -> lis
 
 def decoder_neighbours(coder: SparseCoder, feature: int, n: int = 10) -> list[tuple[int, float]]:
     """The `n` features whose decoder directions have the largest cosine similarity to `feature`'s."""
-    check_feature(coder, feature)
+    coder.check_feature(feature)
     rows_nd = coder.W_dec.detach()
     rows_nd = rows_nd / rows_nd.norm(dim=1, keepdim=True).clamp_min(1e-8)
     cos_n = rows_nd @ rows_nd[feature]

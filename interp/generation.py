@@ -14,18 +14,21 @@ whole sequences, as in any forward pass.
 Samples of one prompt run as one batch (the rows need no padding), each with its own generator
 seeded by its seed, so sample i is the same whether it is drawn alone or with others.
 
-Hooks that must know where they are in the sequence (steering at chosen positions) are built by
-`hooks` from a `Window`, which `decode` keeps current: before each forward pass, `start` is the
-absolute position of the pass's first column.
+Interventions that must know where they are in the sequence (steering at chosen positions) come
+as `during`, a context manager built from a `Window` that `decode` keeps current: before each
+forward pass, `start` is the absolute position of the pass's first column.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from interp.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ class Window:
     """Absolute position of the first column of the current forward pass."""
 
 
-Hooks = Callable[[Window], list]
-"""Builds (hook name, hook function) pairs that read the window while decoding."""
+During = Callable[[Window], AbstractContextManager]
+"""Builds what is active on the model while decoding (hooks that read the window)."""
 
 
 def decode(
@@ -61,17 +64,17 @@ def decode(
     temperature: float = 0.0,
     top_k: int | None = None,
     stop_at_eos: bool = True,
-    hooks: Hooks | None = None,
+    during: During | None = None,
     use_cache: bool | None = None,
 ) -> list[list[int]]:
     """One continuation of `prompt_ids` per seed (token ids after the prompt; with `stop_at_eos`
     each ends at, and includes, the first EOS token). `use_cache` None decides by the check."""
     if max_new_tokens < 1 or not seeds:
-        raise ValueError("max_new_tokens and the number of samples must be at least 1")
+        raise BadInput("max_new_tokens and the number of samples must be at least 1")
     if temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(f"temperature must be >= 0 and top_k >= 1, got {temperature} and {top_k}")
+        raise BadInput(f"temperature must be >= 0 and top_k >= 1, got {temperature} and {top_k}")
     if not prompt_ids:
-        raise ValueError("the prompt has no tokens")
+        raise BadInput("the prompt has no tokens")
     cached = cache_usable(model) if use_cache is None else use_cache
     log.debug("decoding %s", "with the key-value cache" if cached else "by full forward passes")
     device = model.cfg.device
@@ -82,7 +85,7 @@ def decode(
     done = [False] * len(seeds)
     out: list[list[int]] = [[] for _ in seeds]
     cache = None
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks(window) if hooks else []):
+    with torch.no_grad(), during(window) if during else nullcontext():
         for _ in range(max_new_tokens):
             if cached:
                 window.start = 0 if cache is None else tokens.shape[1] - 1

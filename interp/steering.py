@@ -28,9 +28,11 @@ from typing import NamedTuple, Union
 
 import torch
 
+from interp.errors import BadInput
 from interp.generation import Window, decode
+from interp.hooks import check_coder_fits, output_hook, splice
 from interp.models import check_hooks, hook_shapes
-from interp.sae.base import SparseCoder
+from interp.sae.base import SparseCode, SparseCoder
 
 Positions = Union[str, Sequence[int]]
 
@@ -64,29 +66,16 @@ class FeatureEdit:
 Intervention = Union[AddDirection, FeatureEdit]
 
 
-def check_feature(coder: SparseCoder, feature: int) -> int:
-    n = coder.cfg.n_latents
-    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:
-        raise ValueError(f"feature {feature!r} is out of range: the coder has {n} latents (0 to {n - 1})")
-    return feature
-
-
 def check_finite(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadInput(f"{name} must be a finite number, got {value!r}")
     return float(value)
-
-
-def output_hook(coder: SparseCoder) -> str:
-    """The hook a coder writes: its target for a transcoder, else the hook it reads."""
-    return coder.cfg.target_hook or coder.cfg.hook
 
 
 def feature_direction(coder: SparseCoder, feature: int) -> torch.Tensor:
     """Feature `feature`'s decoder row in the model's units (at `output_hook(coder)`): what the
     coder adds to its reconstruction per unit of the feature's activation."""
-    check_feature(coder, feature)
-    return (coder.W_dec[feature] / coder.out_scale).detach()
+    return coder.model_units().W_dec[coder.check_feature(feature)].detach()
 
 
 def add_feature(coder: SparseCoder, feature: int, strength: float, hook: str | None = None) -> AddDirection:
@@ -94,7 +83,7 @@ def add_feature(coder: SparseCoder, feature: int, strength: float, hook: str | N
     only means something at the hook the coder writes; any other `hook` is an error."""
     written = output_hook(coder)
     if hook is not None and hook != written:
-        raise ValueError(
+        raise BadInput(
             f"the coder was trained on {written!r}; its feature directions cannot be added at {hook!r}"
         )
     return AddDirection(written, feature_direction(coder, feature), check_finite("strength", strength))
@@ -105,30 +94,40 @@ def add_direction(hook: str, direction_d: torch.Tensor, strength: float) -> AddD
 
 
 def clamp(coder: SparseCoder, feature: int, value: float) -> FeatureEdit:
-    return FeatureEdit(coder, check_feature(coder, feature), clamp=check_finite("clamp value", value))
+    return FeatureEdit(coder, coder.check_feature(feature), clamp=check_finite("clamp value", value))
 
 
 def scale(coder: SparseCoder, feature: int, factor: float) -> FeatureEdit:
-    return FeatureEdit(coder, check_feature(coder, feature), scale=check_finite("scale", factor))
+    return FeatureEdit(coder, coder.check_feature(feature), scale=check_finite("scale", factor))
 
 
 def ablate(coder: SparseCoder, feature: int) -> FeatureEdit:
     return scale(coder, feature, 0.0)
 
 
+def parse_positions(text: str) -> Positions:
+    """'all', 'new' or comma-separated positions ('3,4,5'), as the command line gives them."""
+    if text in ("all", "new"):
+        return text
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise BadInput(f"positions must be 'all', 'new' or comma-separated positions like 3,4,5; got {text!r}") from None
+
+
 def check_positions(positions: Positions, generating: bool) -> Positions:
     """Raise unless `positions` is "all", "new" (only while generating) or non-negative integers."""
     if isinstance(positions, str):
         if positions == "new" and not generating:
-            raise ValueError(
+            raise BadInput(
                 "positions='new' means the generated tokens: pass the interventions to generate() or "
                 "compare_generations(); a forward pass under steer() takes 'all' or a list of positions"
             )
         if positions not in ("all", "new"):
-            raise ValueError(f"positions must be 'all', 'new' or a list of positions, not {positions!r}")
+            raise BadInput(f"positions must be 'all', 'new' or a list of positions, not {positions!r}")
         return positions
     if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in positions):
-        raise ValueError(f"positions must be non-negative integers, got {list(positions)}")
+        raise BadInput(f"positions must be non-negative integers, got {list(positions)}")
     return list(positions)
 
 
@@ -144,27 +143,6 @@ def _position_mask(positions: Positions, window: Window, seq_len: int, device) -
     return keep & (pos > 0)
 
 
-def _flat(act: torch.Tensor) -> torch.Tensor:
-    """(batch, pos, *dims) -> (batch, pos, features): hook_z heads concatenated."""
-    return act.reshape(*act.shape[:2], -1)
-
-
-def check_coder_fits(model, coder: SparseCoder) -> None:
-    """Raise unless the model has the coder's hooks, at the widths the coder was trained on."""
-    hooks = list(dict.fromkeys([coder.cfg.hook, output_hook(coder)]))
-    try:
-        check_hooks(model, hooks)
-    except ValueError as err:
-        raise ValueError(f"the coder was trained on {coder.cfg.model or 'another model'}: {err}") from None
-    shapes = hook_shapes(model)
-    for hook, width in ((coder.cfg.hook, coder.cfg.d_in), (output_hook(coder), coder.cfg.d_out)):
-        if math.prod(shapes[hook]) != width:
-            raise ValueError(
-                f"the coder expects width {width} at {hook}, but this model's {hook} has shape {shapes[hook]}; "
-                f"was the coder trained on this model ({coder.cfg.model or 'unknown'})?"
-            )
-
-
 def check_interventions(model, interventions: Sequence[Intervention]) -> None:
     """Raise unless every intervention fits the model: known hooks, matching widths."""
     hook_widths = None
@@ -172,23 +150,32 @@ def check_interventions(model, interventions: Sequence[Intervention]) -> None:
         hook_widths = hook_widths or hook_shapes(model)
         check_hooks(model, [add.hook])
         if math.prod(hook_widths[add.hook]) != add.direction_d.numel():
-            raise ValueError(
+            raise BadInput(
                 f"the direction has {add.direction_d.numel()} entries but {add.hook} has shape {hook_widths[add.hook]}"
             )
     for coder in {id(i.coder): i.coder for i in interventions if isinstance(i, FeatureEdit)}.values():
         check_coder_fits(model, coder)
 
 
-def intervention_hooks(model, interventions: Sequence[Intervention], positions: Positions, window: Window) -> list:
-    """(hook name, function) pairs applying `interventions` at `positions` of the pass that
-    `window` describes; several compose (each feature edit reads the coder's clean code)."""
-    fwd_hooks = [(model.hook_dict[i.hook].name, _add_hook(i, positions, window)) for i in interventions if isinstance(i, AddDirection)]
+@contextmanager
+def applied(model, interventions: Sequence[Intervention], positions: Positions, window: Window) -> Iterator[None]:
+    """Apply `interventions` at `positions` of every forward pass inside the block, each pass
+    placed in its sequence by `window`; several compose (each feature edit reads the coder's
+    clean code, and its coder is spliced in with its error kept)."""
+    adds = [(model.hook_dict[i.hook].name, _add_hook(i, positions, window)) for i in interventions if isinstance(i, AddDirection)]
     edits_by_coder: dict[int, list[FeatureEdit]] = {}
     for edit in (i for i in interventions if isinstance(i, FeatureEdit)):
         edits_by_coder.setdefault(id(edit.coder), []).append(edit)
-    for edits in edits_by_coder.values():
-        fwd_hooks.extend(_edit_hooks(model, edits, positions, window))
-    return fwd_hooks
+    coders = [edits[0].coder for edits in edits_by_coder.values()]
+
+    def where(b: int, s: int, device) -> torch.Tensor:
+        return _position_mask(positions, window, s, device)
+
+    def edit(coder: SparseCoder, code: SparseCode) -> SparseCode:
+        return _edited(code, edits_by_coder[id(coder)])
+
+    with model.hooks(fwd_hooks=adds), splice(model, coders, keep_error=True, where=where, edit=edit):
+        yield
 
 
 @contextmanager
@@ -197,7 +184,7 @@ def steer(model, *interventions: Intervention, positions: Positions = "all") -> 
     sequence from position 0. To steer a generation, pass them to `generate` instead."""
     positions = check_positions(positions, generating=False)
     check_interventions(model, interventions)
-    with model.hooks(fwd_hooks=intervention_hooks(model, interventions, positions, Window(prompt_len=0))):
+    with applied(model, interventions, positions, Window(prompt_len=0)):
         yield
 
 
@@ -210,36 +197,16 @@ def _add_hook(add: AddDirection, positions: Positions, window: Window):
     return hook_fn
 
 
-def _edit_hooks(model, edits: list[FeatureEdit], positions: Positions, window: Window) -> list:
-    coder = edits[0].coder
-    read_name = model.hook_dict[coder.cfg.hook].name
-    write_name = model.hook_dict[output_hook(coder)].name
-    features = torch.tensor([e.feature for e in edits], device=coder.W_dec.device)
-    rows_fd = coder.W_dec[features].detach() / coder.out_scale
-    seen: dict[str, torch.Tensor] = {}
-
-    def read(act, hook):
-        seen["x"] = _flat(act)
-        return act
-
-    def write(act, hook):
-        x_bsd = _flat(act) if read_name == write_name else seen.pop("x")
-        b, s = x_bsd.shape[:2]
-        keep_s = _position_mask(positions, window, s, act.device)
-        with torch.no_grad():
-            code = coder.encode(x_bsd.reshape(b * s, -1).to(coder.W_dec.device))
-        # The clean activation of each edited feature per token: sum over the slots holding it.
-        match_tkf = code.indices_bk[:, :, None] == features
-        old_tf = (code.values_bk[:, :, None] * match_tkf).sum(1)
-        new_tf = torch.stack([e.new_values(old_tf[:, j]) for j, e in enumerate(edits)], dim=1)
-        delta_td = (new_tf - old_tf) @ rows_fd
-        delta_bsd = delta_td.reshape(b, s, -1).to(act.device, act.dtype) * keep_s[None, :, None]
-        return (_flat(act) + delta_bsd).reshape(act.shape)
-
-    hooks = [(write_name, write)]
-    if read_name != write_name:
-        hooks.insert(0, (read_name, read))
-    return hooks
+def _edited(code: SparseCode, edits: list[FeatureEdit]) -> SparseCode:
+    """The code with each edited feature's slots emptied and one slot per edit appended, holding
+    the feature at its new value (its clean value summed over the slots that held it)."""
+    features = torch.tensor([e.feature for e in edits], device=code.indices_bk.device)
+    match_tkf = code.indices_bk[:, :, None] == features
+    old_tf = (code.values_bk[:, :, None] * match_tkf).sum(1)
+    new_tf = torch.stack([e.new_values(old_tf[:, j]) for j, e in enumerate(edits)], dim=1)
+    kept_tk = code.values_bk.masked_fill(match_tkf.any(-1), 0.0)
+    indices_tk = torch.cat([code.indices_bk, features.expand(len(new_tf), -1)], dim=1)
+    return SparseCode(indices_tk, torch.cat([kept_tk, new_tf.to(kept_tk.dtype)], dim=1))
 
 
 class GenerationPair(NamedTuple):
@@ -266,10 +233,15 @@ class GenerateConfig:
     """Continuations per side, sample i of both sides drawn with seed + i."""
     seed: int = 0
     """Seed of the first sample."""
-    positions: list[int] | str = field(default="all")
-    """Where to steer: 'all', 'new' (generated tokens only) or a list of positions (BOS is never steered)."""
+    positions: list[int] | str = field(default="all", metadata={"parse": parse_positions})
+    """Where to steer: 'all', 'new' (generated tokens only) or comma-separated positions (BOS is never steered)."""
     stop_at_eos: bool = True
     """End a continuation at the tokenizer's end-of-sequence token (kept as its last token)."""
+
+    def __post_init__(self):
+        if self.samples < 1 or self.max_new_tokens < 1:
+            raise BadInput(f"samples and max_new_tokens must be at least 1, got {self.samples} and {self.max_new_tokens}")
+        check_finite("temperature", self.temperature)
 
 
 def generate(model, prompt: str, cfg: GenerateConfig | None = None, interventions: Sequence[Intervention] = ()) -> list[list[int]]:
@@ -277,15 +249,12 @@ def generate(model, prompt: str, cfg: GenerateConfig | None = None, intervention
     `interventions` applied at `cfg.positions`: exactly what a loop of full forward passes under
     the same interventions would produce (see interp.generation)."""
     cfg = cfg or GenerateConfig()
-    if cfg.samples < 1 or cfg.max_new_tokens < 1:
-        raise ValueError("samples and max_new_tokens must be at least 1")
-    temperature = check_finite("temperature", cfg.temperature)
     positions = check_positions(cfg.positions, generating=True)
     check_interventions(model, interventions)
-    hooks = (lambda window: intervention_hooks(model, interventions, positions, window)) if interventions else None
+    during = (lambda window: applied(model, interventions, positions, window)) if interventions else None
     return decode(
         model, model.to_tokens(prompt)[0].tolist(), cfg.max_new_tokens, [cfg.seed + i for i in range(cfg.samples)],
-        temperature=temperature, top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos, hooks=hooks,
+        temperature=cfg.temperature, top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos, during=during,
     )
 
 
@@ -299,3 +268,44 @@ def compare_generations(
     steered = generate(model, prompt, cfg, interventions)
     decode_text = model.tokenizer.decode
     return GenerationPair(prompt, [decode_text(t) for t in baseline], [decode_text(t) for t in steered], baseline, steered)
+
+
+@dataclass
+class SteerConfig:
+    prompt: str = ""
+    """Text to continue."""
+    feature: list[int] = field(default_factory=list)
+    """Feature to steer with; repeat for several."""
+    strength: list[float] | None = None
+    """Add the feature's decoder direction at this activation; one value for all features or one per --feature."""
+    clamp: list[float] | None = None
+    """Clamp the feature's activation to this value through the coder (its error kept); one for all or one per --feature."""
+    scale: list[float] | None = None
+    """Multiply the feature's activation by this through the coder; one for all or one per --feature."""
+    ablate: bool = False
+    """Remove the features' contributions through the coder (its error kept)."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def interventions(self, coder: SparseCoder) -> list[Intervention]:
+        """One intervention per feature, of the one kind the settings name."""
+        modes = {"--strength": self.strength, "--clamp": self.clamp, "--scale": self.scale, "--ablate": [0.0] if self.ablate else None}
+        chosen = [name for name, values in modes.items() if values]
+        if len(chosen) != 1:
+            raise BadInput(f"give exactly one of --strength, --clamp, --scale, --ablate (got {', '.join(chosen) or 'none'})")
+        if not self.feature:
+            raise BadInput("name at least one --feature to steer with")
+        mode, values = chosen[0], modes[chosen[0]]
+        if len(values) == 1:
+            values = values * len(self.feature)
+        if len(values) != len(self.feature):
+            raise BadInput(f"{mode} takes one value, or one per --feature ({len(self.feature)}); got {len(values)}")
+        build = {"--strength": add_feature, "--clamp": clamp, "--scale": scale, "--ablate": lambda c, f, _: ablate(c, f)}[mode]
+        return [build(coder, f, v) for f, v in zip(self.feature, values)]
+
+    def describe(self) -> str:
+        """Which features are steered how, for a heading."""
+        mode = "ablate" if self.ablate else next(m for m in ("strength", "clamp", "scale") if getattr(self, m))
+        values = getattr(self, mode) if mode != "ablate" else None
+        if values is not None and len(values) == 1:
+            values = values * len(self.feature)
+        return ", ".join(f"{f} ({mode}{'' if values is None else ' ' + str(v)})" for f, v in zip(self.feature, values or [None] * len(self.feature)))

@@ -25,10 +25,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from interp.activations import BufferState, ShuffleBuffer, grad_key
+from interp.activations import BufferState, ShuffleBuffer
 from interp.allocator import retain_freed_memory
 from interp.atomic import write_tensors
-from interp.sae.base import SparseCoder
+from interp.errors import (
+    AlreadyExists,
+    BadInput,
+    InterpError,
+    MissingPackage,
+    NotFound,
+    check_positive,
+)
+from interp.hooks import grad_key, output_hook
+from interp.sae.base import SelectContext, SparseCoder
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -66,8 +75,16 @@ class TrainConfig:
     """Also log to this Weights & Biases project."""
 
     def __post_init__(self):
+        for name in ("tokens", "batch_size", "dead_tokens", "checkpoint_every", "log_every"):
+            check_positive(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every"):
+            check_positive(name, getattr(self, name), zero_ok=True)
+        if self.lr is not None and not self.lr > 0:
+            raise BadInput(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.decay_start <= 1 or not self.grad_clip > 0:
+            raise BadInput(f"decay_start must lie in [0, 1] and grad_clip be > 0, got {self.decay_start} and {self.grad_clip}")
         if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
-            raise ValueError(f"max_norm_ratio multiplies the median token norm and must be > 1, got {self.max_norm_ratio}")
+            raise BadInput(f"max_norm_ratio multiplies the median token norm and must be > 1, got {self.max_norm_ratio}")
 
     @property
     def steps(self) -> int:
@@ -82,7 +99,7 @@ def norm_bound(x: torch.Tensor, ratio: float) -> float:
     return ratio * x.float().norm(dim=1).median().item()
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(InterpError, RuntimeError):
     pass
 
 
@@ -131,32 +148,42 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         tensors = {f"coder.{k}": v for k, v in self.coder.state_dict().items()}
+        tensors.update({f"training.{k}": v for k, v in self.coder.training_state().items()})
         for index, state in self.optimizer.state_dict()["state"].items():
             tensors.update({f"optim.{index}.{name}": value for name, value in state.items()})
         tensors["tokens_since_fired"] = self.tokens_since_fired
-        meta = {"step": self.step, "buffer": asdict(self.buffer_state), "train": asdict(self.cfg),
-                "max_input_norm": self.coder.cfg.max_input_norm}
+        meta = {"step": self.step, "buffer": asdict(self.buffer_state), "train": asdict(self.cfg)}
         write_tensors(self.run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
         self.coder.save(self.run_dir)
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT
         if not path.exists():
-            raise FileNotFoundError(f"cannot resume: {path} does not exist (no checkpoint was written)")
+            raise NotFound(f"cannot resume: {path} does not exist (no checkpoint was written)")
         try:
             tensors = load_file(path)
             with open(path, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
                 meta = json.loads(json.loads(f.read(header_len))["__metadata__"]["state"])
         except (SafetensorError, OSError, KeyError, ValueError) as err:
-            raise ValueError(f"cannot resume: checkpoint {path} is corrupt ({err}); delete it to start over") from err
+            raise BadInput(f"cannot resume: checkpoint {path} is corrupt ({err}); delete it to start over") from err
         saved_cfg = {k: v for k, v in meta["train"].items() if k != "wandb_project"}
         current = {k: v for k, v in asdict(self.cfg).items() if k != "wandb_project"}
         if saved_cfg != current:
             changed = {k: (saved_cfg.get(k), v) for k, v in current.items() if saved_cfg.get(k) != v}
-            raise ValueError(f"cannot resume: training settings differ from the checkpoint's (saved, now): {changed}")
+            raise BadInput(f"cannot resume: training settings differ from the checkpoint's (saved, now): {changed}")
         coder_state = {k[len("coder."):]: v for k, v in tensors.items() if k.startswith("coder.")}
+        training = {k[len("training."):]: v for k, v in tensors.items() if k.startswith("training.")}
+        # Checkpoints from before the coder format 2 kept training-only buffers among the coder's
+        # and the input-norm bound in their metadata.
+        for name in self.coder.training_state():
+            if name not in training and name in coder_state:
+                training[name] = coder_state.pop(name)
+        if "input_bound" not in coder_state:
+            bound = meta.get("max_input_norm")
+            coder_state["input_bound"] = torch.tensor(math.inf if bound is None else float(bound))
         self.coder.load_state_dict(coder_state)
+        self.coder.load_training_state(training)
         optim = self.optimizer.state_dict()
         for index in range(len(list(self.coder.parameters()))):
             prefix = f"optim.{index}."
@@ -166,7 +193,6 @@ class Trainer:
         self.optimizer.load_state_dict(optim)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.step = meta["step"]
-        self.coder.cfg.max_input_norm = meta.get("max_input_norm")
         self.buffer_state = BufferState(**meta["buffer"])
         self._truncate_log()
 
@@ -182,15 +208,13 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict:
         coder, cfg = self.coder, self.cfg
         batch = self.covered(batch)
-        x = batch[coder.cfg.hook]
-        target = batch[coder.cfg.target_hook] if coder.cfg.target_hook else None
-        context = {"dead_mask": self.tokens_since_fired > cfg.dead_tokens}
-        if getattr(coder, "needs_grad", False):
-            # The gradient at the space the decoder writes into: the target hook for a transcoder.
-            context["grad"] = batch[grad_key(coder.cfg.target_hook or coder.cfg.hook)]
+        x, target = self.inputs(batch)
+        # A gradient SAE's gradient is the one at the space its decoder writes into.
+        grad = batch[grad_key(output_hook(coder))] if coder.needs_grad else None
+        ctx = SelectContext(dead_mask=self.tokens_since_fired > cfg.dead_tokens, grad=grad)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate(coder.cfg.n_latents) * lr_factor(self.step, cfg)
-        out = coder(x, target, **context)
+        out = coder(x, target, ctx)
         loss = out.fvu + out.aux_loss
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
@@ -201,7 +225,7 @@ class Trainer:
         loss.backward()
         coder.remove_parallel_grads()
         grads = [p.grad.flatten() for p in coder.parameters() if p.grad is not None]
-        # BLAS dot products: 1.7 against 2.6 ms for get_total_norm (two 9216 x 576 gradients, CPU).
+        # BLAS dot products: faster on the CPU than get_total_norm's per-tensor norms.
         total_norm = torch.stack([torch.dot(g, g).float() for g in grads]).sum().sqrt()
         if total_norm > cfg.grad_clip:  # scaling by 1 would be a wasted pass over every gradient
             torch.nn.utils.clip_grads_with_norm_(coder.parameters(), cfg.grad_clip, total_norm)
@@ -230,17 +254,20 @@ class Trainer:
         """Input/target scales, decoder bias and the input-norm bound from the first batch (a
         fresh run only)."""
         coder = self.coder
-        if self.cfg.max_norm_ratio is not None and coder.cfg.max_input_norm is None:
-            coder.cfg.max_input_norm = norm_bound(batch[coder.cfg.hook], self.cfg.max_norm_ratio)
-        batch = self.covered(batch)
-        x = batch[coder.cfg.hook]
-        target = batch[coder.cfg.target_hook] if coder.cfg.target_hook else None
+        if self.cfg.max_norm_ratio is not None and coder.max_input_norm is None:
+            coder.set_max_input_norm(norm_bound(batch[coder.cfg.hook], self.cfg.max_norm_ratio))
+        x, target = self.inputs(self.covered(batch))
         coder.fit_normalization(x, target)
         coder.init_decoder_bias(x if target is None else target, self.cfg.b_dec_init)
 
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what the coder reads, what it reconstructs: None for an SAE, which reconstructs its input)."""
+        written = output_hook(self.coder)
+        return batch[self.coder.cfg.hook], None if written == self.coder.cfg.hook else batch[written]
+
     def covered(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch's rows whose input the coder covers (all of them, uncopied, without a norm bound)."""
-        if self.coder.cfg.max_input_norm is None:
+        if self.coder.max_input_norm is None:
             return batch
         keep = self.coder.inliers(batch[self.coder.cfg.hook])
         return {key: value[keep] for key, value in batch.items()}
@@ -251,7 +278,7 @@ class Trainer:
         if resume:
             self.load_checkpoint()
         elif (self.run_dir / CHECKPOINT).exists():
-            raise FileExistsError(
+            raise AlreadyExists(
                 f"{self.run_dir} already holds a training checkpoint; pass --resume to continue it "
                 f"or choose another --out"
             )
@@ -294,5 +321,5 @@ def _wandb(cfg: TrainConfig, coder: SparseCoder):
     try:
         import wandb
     except ImportError as err:
-        raise ImportError("--wandb-project needs Weights & Biases: pip install 'interp[wandb]'") from err
+        raise MissingPackage("--wandb-project needs Weights & Biases: pip install 'interp[wandb]'") from err
     return wandb.init(project=cfg.wandb_project, config={"train": asdict(cfg), "coder": asdict(coder.cfg)})

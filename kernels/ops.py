@@ -9,14 +9,20 @@ Both products reduce to four primitives (implemented in torch_ops.py and triton_
 - segment_sum_dot: segment_sum plus, for each entry, the dot of its gathered row with its CSR
                row's table row: one pass by latent reads W_dec once for d W_dec and d values
                                                                   decode backward
+
+The segment sums need the code's entries sorted by latent. A `LatentLayout` (`latent_layout`)
+holds that sort for one indices tensor, made on first use in a backward pass; the caller passes
+one layout to the decode and encode_selected of the same code so that they sort once. Nothing is
+cached between calls otherwise.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
+import operator
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from .dispatch import backend
@@ -49,15 +55,21 @@ def _without_sentinels(indices_bk: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return indices_bk.clamp(min=0).long().contiguous(), valid_bk
 
 
-def _serial_sort(keys_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # torch's parallel CPU sort of B k keys is no faster than a serial one, and when the cores
-    # are shared it stalls at its barriers: 380 ms instead of 3 ms measured on 2 busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.sort(keys_e, stable=True)
-    finally:
-        torch.set_num_threads(threads)
+def _stable_order_cpu(keys_e: torch.Tensor, max_key: int) -> torch.Tensor:
+    """The stable argsort of non-negative int32 keys, all at most `max_key`, on the CPU.
+
+    Not torch.sort: its CPU sort runs on the intra-op thread pool, whose barriers stall when the
+    cores are busy with other work, and running it on one thread takes torch.set_num_threads, a
+    process-global setting. numpy's stable sort is single-threaded, and a radix sort for 16-bit
+    integers (wider ones get a much slower timsort), so wider keys take two stable 16-bit passes:
+    by the low half, then by the high half."""
+    keys = keys_e.numpy()
+    if max_key < 1 << 16:
+        order = np.argsort(keys.astype(np.uint16), kind="stable")
+    else:
+        order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+        order = order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
+    return torch.from_numpy(order).long()
 
 
 def _by_latent(
@@ -70,9 +82,9 @@ def _by_latent(
     code can be mostly empty slots: one huge-norm token widens every row)."""
     # int32 keys sort faster, and n_latents + 1 fits.
     keys_e = torch.where(valid_bk, indices_bk, n_latents).reshape(-1).to(torch.int32)
-    order_e = torch.sort(keys_e, stable=True)[1] if keys_e.is_cuda else _serial_sort(keys_e)[1]
-    # Latent i's entries start after all entries of smaller latents: counts, not a search of the
-    # sorted keys (0.13 against 0.28 ms for 131k entries on the CPU).
+    order_e = torch.sort(keys_e, stable=True)[1] if keys_e.is_cuda else _stable_order_cpu(keys_e, n_latents)
+    # Latent i's entries start after all entries of smaller latents: counts, cheaper than a
+    # search of the sorted keys.
     offsets_n1 = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices_bk.device)
     torch.cumsum(torch.bincount(keys_e, minlength=n_latents + 1)[:n_latents], 0, out=offsets_n1[1:])
     return order_e, offsets_n1
@@ -84,44 +96,80 @@ def _segment_sum_by_latent(prims: ModuleType, table_bd, weights_bk, order_e, off
     return prims.segment_sum(table_bd, order_e // weights_bk.shape[1], weights_bk.reshape(-1)[order_e], offsets_n1)
 
 
-class _LatentLayout:
-    """One code's entries grouped by latent (`_by_latent`), sorted on first use and shared by the
-    products of the same indices tensor: the decoder and encoder backward of one forward pass sort
-    once. A one-slot cache, checked by identity and version of the indices."""
+class LatentLayout:
+    """One code's active entries grouped by latent, for the sparse backward passes: the sort
+    `_by_latent` makes, done on first use and kept. Make one with `latent_layout(indices_bk,
+    n_latents)` and pass it as `layout=` to the decode and the encode_selected of the same
+    indices: the backward of whichever runs first sorts, the other reuses the sort.
 
-    _last: _LatentLayout | None = None
+    A layout belongs to its indices tensor (or a view of the same memory, with the same shape
+    and strides) in its current contents, and to one number of latents (the tables' rows); a
+    product given other indices, other latents, or indices changed in place since the layout was
+    made raises ValueError. It keeps the indices, and once sorted the order, as long as it lives:
+    make a fresh one per code."""
 
     def __init__(self, indices_bk: torch.Tensor, n_latents: int):
-        self._indices = weakref.ref(indices_bk)
+        _check_code(indices_bk)
+        n_latents = operator.index(n_latents)
+        if not 0 < n_latents < 2**31 - 1:
+            # The sort's keys are int32, n_latents itself marking empty slots.
+            raise ValueError(f"n_latents must lie in [1, 2^31 - 1), got {n_latents}")
+        self.indices_bk = indices_bk
+        self.n_latents = n_latents
         self._version = indices_bk._version
-        self._n_latents = n_latents
         self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @classmethod
-    def of(cls, indices_bk: torch.Tensor, n_latents: int) -> _LatentLayout:
-        last = cls._last
-        if (
-            last is None
-            or last._indices() is not indices_bk
-            or last._version != indices_bk._version
-            or last._n_latents != n_latents
-        ):
-            last = cls._last = cls(indices_bk, n_latents)
-        return last
+    def __repr__(self) -> str:
+        state = "sorted" if self._sorted is not None else "not sorted yet"
+        return f"LatentLayout(indices {tuple(self.indices_bk.shape)}, n_latents={self.n_latents}, {state})"
+
+    def check(self, indices_bk: torch.Tensor, n_latents: int) -> None:
+        """Raise ValueError unless this layout was made for `indices_bk`, as they are now, and
+        `n_latents` latents."""
+        mine = self.indices_bk
+        same_memory = indices_bk is mine or (
+            indices_bk.device == mine.device
+            and indices_bk.dtype == mine.dtype
+            and indices_bk.shape == mine.shape
+            and indices_bk.stride() == mine.stride()
+            and indices_bk.data_ptr() == mine.data_ptr()
+        )
+        if not same_memory:
+            raise ValueError(
+                f"layout made for other indices ({tuple(mine.shape)} {mine.dtype}) than these "
+                f"({tuple(indices_bk.shape)} {indices_bk.dtype}): pass the tensor it was made from"
+            )
+        if n_latents != self.n_latents:
+            raise ValueError(f"layout made for {self.n_latents} latents, used with a table of {n_latents} rows")
+        if indices_bk._version != self._version:
+            raise ValueError("the indices changed in place since their layout was made: make a new layout")
 
     def sorted(self, idx_bk: torch.Tensor, valid_bk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(order_e, offsets_n1); idx_bk and valid_bk are the indices' `_without_sentinels`."""
         if self._sorted is None:
-            self._sorted = _by_latent(idx_bk, valid_bk, self._n_latents)
+            self._sorted = _by_latent(idx_bk, valid_bk, self.n_latents)
         return self._sorted
+
+
+def latent_layout(indices_bk: torch.Tensor, n_latents: int) -> LatentLayout:
+    """A layout of the code `indices_bk` (B, k) over `n_latents` latents, sorted lazily; pass it
+    as `layout=` to the decode and encode_selected of these indices to sort them once."""
+    return LatentLayout(indices_bk, n_latents)
+
+
+def _sorted_by_latent(
+    layout: LatentLayout | None, idx_bk: torch.Tensor, valid_bk: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared layout's sort, or without one this product's own."""
+    return _by_latent(idx_bk, valid_bk, n_latents) if layout is None else layout.sorted(idx_bk, valid_bk)
 
 
 class _Decode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices_bk, values_bk, W_nd, bias_d, prims):
+    def forward(ctx, indices_bk, values_bk, W_nd, bias_d, prims, layout):
         idx_bk, valid_bk = _without_sentinels(indices_bk)
         weights_bk = (values_bk * valid_bk).to(W_nd.dtype)
-        ctx.layout = _LatentLayout.of(indices_bk, W_nd.shape[0])
+        ctx.layout = layout
         ctx.prims, ctx.values_dtype = prims, values_bk.dtype
         ctx.bias_dtype = None if bias_d is None else bias_d.dtype
         ctx.save_for_backward(idx_bk, valid_bk, weights_bk, W_nd)
@@ -134,7 +182,7 @@ class _Decode(torch.autograd.Function):
         prims = ctx.prims
         grad_values = grad_W = grad_bias = None
         if ctx.needs_input_grad[2]:
-            order_e, offsets_n1 = ctx.layout.sorted(idx_bk, valid_bk)
+            order_e, offsets_n1 = _sorted_by_latent(ctx.layout, idx_bk, valid_bk, W_nd.shape[0])
             if ctx.needs_input_grad[1]:
                 # One pass by latent reads each row of W once for both gradients.
                 grad_W, grad_values = prims.segment_sum_dot(grad_bd, weights_bk, order_e, offsets_n1, W_nd)
@@ -148,14 +196,14 @@ class _Decode(torch.autograd.Function):
             grad_values = grad_values.to(ctx.values_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_bd.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return None, grad_values, grad_W, grad_bias, None
+        return None, grad_values, grad_W, grad_bias, None, None
 
 
 class _EncodeSelected(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk, prims):
+    def forward(ctx, x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk, prims, layout):
         idx_bk, valid_bk = _without_sentinels(indices_bk)
-        ctx.layout = _LatentLayout.of(indices_bk, W_enc_nd.shape[0])
+        ctx.layout = layout
         ctx.prims = prims
         ctx.dtypes = (x_bd.dtype, W_enc_nd.dtype, b_enc_n.dtype)
         ctx.save_for_backward(x_bd, W_enc_nd, idx_bk, valid_bk)
@@ -179,13 +227,13 @@ class _EncodeSelected(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = prims.gather_sum(W_enc_nd, idx_bk, weights_bk).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            order_e, offsets_n1 = ctx.layout.sorted(idx_bk, valid_bk)
+            order_e, offsets_n1 = _sorted_by_latent(ctx.layout, idx_bk, valid_bk, n_latents)
             grad_W = _segment_sum_by_latent(prims, x_bd, weights_bk, order_e, offsets_n1).to(W_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(n_latents, dtype=torch.float32, device=idx_bk.device)
             grad_b.index_add_(0, idx_bk.reshape(-1), grad_bk.reshape(-1).float())
             grad_b = grad_b.to(b_dtype)
-        return grad_x, grad_W, grad_b, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None
 
 
 def decode(
@@ -193,17 +241,23 @@ def decode(
     values_bk: torch.Tensor,
     W_nd: torch.Tensor,
     bias_d: torch.Tensor | None = None,
+    *,
+    layout: LatentLayout | None = None,
 ) -> torch.Tensor:
     """out[b] = sum_j values[b, j] * W[indices[b, j]] (+ bias); index -1 marks an empty slot.
 
     Differentiable in values, W and bias. The result has W's dtype; accumulation is in fp32.
+    `layout` (from `latent_layout(indices_bk, W_nd.shape[0])`) shares the backward's sort of the
+    entries by latent with other products of these indices; without one this call sorts its own.
     """
     _check_code(indices_bk, values_bk)
+    if layout is not None:
+        layout.check(indices_bk, W_nd.shape[0])
     name = backend(indices_bk, values_bk, W_nd)
     log.debug("decode: backend=%s B=%d k=%d n=%d d=%d %s", name, *indices_bk.shape, *W_nd.shape, W_nd.dtype)
     if name == "reference":
         return decode_reference(indices_bk, values_bk, W_nd, bias_d)
-    return _Decode.apply(indices_bk, values_bk, W_nd, bias_d, _primitives(name))
+    return _Decode.apply(indices_bk, values_bk, W_nd, bias_d, _primitives(name), layout)
 
 
 def encode_selected(
@@ -212,16 +266,22 @@ def encode_selected(
     b_enc_n: torch.Tensor,
     indices_bk: torch.Tensor,
     pre_bk: torch.Tensor | None = None,
+    *,
+    layout: LatentLayout | None = None,
 ) -> torch.Tensor:
     """pre[b, j] = <x[b], W_enc[indices[b, j]]> + b_enc[indices[b, j]], with a sparse backward.
 
     If `pre_bk` is given (gathered from a no-grad dense encoder pass) it is returned as the
     value and treated as a constant; gradients flow to x, W_enc and b_enc only through the
     selected latents. Sentinel entries (index -1) read 0 when computed here and get no gradient.
+    `layout` (from `latent_layout(indices_bk, W_enc_nd.shape[0])`) shares the backward's sort of
+    the entries by latent with other products of these indices; without one this call sorts its own.
     """
     _check_code(indices_bk, pre_bk)
+    if layout is not None:
+        layout.check(indices_bk, W_enc_nd.shape[0])
     name = backend(x_bd, W_enc_nd, indices_bk)
     log.debug("encode_selected: backend=%s B=%d k=%d n=%d d=%d %s", name, *indices_bk.shape, *W_enc_nd.shape, W_enc_nd.dtype)
     if name == "reference":
         return encode_selected_reference(x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk)
-    return _EncodeSelected.apply(x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk, _primitives(name))
+    return _EncodeSelected.apply(x_bd, W_enc_nd, b_enc_n, indices_bk, pre_bk, _primitives(name), layout)

@@ -96,8 +96,8 @@ def gather_dot(table_nd: torch.Tensor, indices_bk: torch.Tensor, rows_bd: torch.
 
 def _csr_dots(table_rd: torch.Tensor, rows_bd: torch.Tensor, cols_u: torch.Tensor, offsets_r1: torch.Tensor) -> torch.Tensor:
     """dots[e] = <table[r], rows[cols[e]]> for each entry e of CSR row r: torch's sampled matrix
-    product (1.3 ms a training step faster than embedding_bag's per-sample-weights gradient at
-    4096 tokens x 9216 latents x 576), which has no half-precision CPU kernel: half inputs are
+    product (faster than embedding_bag's per-sample-weights gradient in the CPU training step),
+    which has no half-precision CPU kernel: half inputs are
     computed in fp32. Its output is beta * pattern's values + the dots, hence zero values."""
     dtype = table_rd.dtype if table_rd.dtype in (torch.float32, torch.float64) else torch.float32
     with warnings.catch_warnings():

@@ -125,8 +125,7 @@ def _segment_sum_dot_kernel(
     # sums; programs of one column block run together, so the gathered rows come from L2. The
     # dots are partial over this column block; the caller sums the blocks (no atomics, so the
     # result is deterministic). Entries are read and dots written in CSR order: reading the
-    # code's positions through the sort order here instead was 0.15-0.2 ms slower (of ~1.4 ms
-    # for the whole decode, H100).
+    # code's positions through the sort order here instead was slower (bench/decode_gpu.py).
     rows_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows_r < R
     c = tl.program_id(1)
@@ -168,8 +167,7 @@ def _config(kernel: str, D: int, K: int) -> dict:
     n=2^17, bf16: the padded kernels want whole rows of k entries per step over narrow column
     blocks; the latent-sorted rows hold B k / n entries on average, so few entries over wide
     blocks (not one, which would serialise a latent that fires on every token). For the fused
-    decoder backward one CSR row per program beat 2, 4 and 8 (1.33 against 1.43-1.55 ms for the
-    whole decode)."""
+    decoder backward one CSR row per program beat 2, 4 and 8 (bench/decode_gpu.py)."""
     block_e, block_d, warps = {
         "gather_sum": (64, 64, 1),
         "gather_dot": (32, 64, 1),

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from interp.activations import BufferState, ModelChunks, ShuffleBuffer, grad_key
+from interp.activations import BufferState, ShuffleBuffer
 from interp.data import iter_texts, iter_token_batches
+from interp.hooks import capture, grad_key
+from interp.models import stop_layer
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.ln2.hook_normalized", "blocks.0.attn.hook_z"]
 
@@ -12,9 +14,8 @@ def batches_of(model, n_seq=4, ctx=16):
 
 
 def test_several_hooks_in_one_pass_match_run_with_cache(tiny_model):
-    source = ModelChunks(tiny_model, batches_of(tiny_model), HOOKS)
     batch = next(batches_of(tiny_model)())
-    acts = source.run(batch)
+    acts = capture(tiny_model, batch.tokens_bt, HOOKS, batch.mask_bt)
     _, cache = tiny_model.run_with_cache(batch.tokens_bt, names_filter=HOOKS)
     for hook in HOOKS:
         expected = cache[hook][batch.mask_bt].reshape(int(batch.mask_bt.sum()), -1)
@@ -24,12 +25,12 @@ def test_several_hooks_in_one_pass_match_run_with_cache(tiny_model):
 
 
 def test_forward_stops_after_the_deepest_hook(tiny_model):
-    source = ModelChunks(tiny_model, batches_of(tiny_model), ["blocks.0.hook_resid_post"])
-    assert source.stop_at_layer == 1
+    assert stop_layer(tiny_model, ["blocks.0.hook_resid_post"]) == 1
     ran = []
     tiny_model.hook_dict["blocks.1.hook_resid_post"].add_hook(lambda act, hook: ran.append(hook.name))
     try:
-        source.run(next(batches_of(tiny_model)()))
+        batch = next(batches_of(tiny_model)())
+        capture(tiny_model, batch.tokens_bt, ["blocks.0.hook_resid_post"], batch.mask_bt)
     finally:
         tiny_model.reset_hooks()
     assert ran == []
@@ -38,7 +39,7 @@ def test_forward_stops_after_the_deepest_hook(tiny_model):
 def test_gradients_of_the_next_token_loss(tiny_model):
     hook = "blocks.0.hook_resid_post"
     batch = next(batches_of(tiny_model)())
-    acts = ModelChunks(tiny_model, batches_of(tiny_model), [hook], with_grads=True).run(batch)
+    acts = capture(tiny_model, batch.tokens_bt, [hook], batch.mask_bt, with_grads=True)
     # A central difference of the summed loss along a random direction must match <grad, delta>.
     delta = torch.zeros(4, 16, tiny_model.cfg.d_model)
     delta[batch.mask_bt] = 1e-3 * torch.randn(60, tiny_model.cfg.d_model)
@@ -100,6 +101,6 @@ def test_buffer_must_hold_a_batch():
                                            ("blocks.0.attn.hook_result", "set_use_attn_result")])
 def test_gated_off_hook_is_a_clear_error(tiny_model, hook, message):
     # TransformerLens 4 gates these hooks off; asking for one must say how to turn it on.
-    source = ModelChunks(tiny_model, batches_of(tiny_model), [hook])
+    batch = next(batches_of(tiny_model)())
     with pytest.raises(ValueError, match=message):
-        source.run(next(batches_of(tiny_model)()))
+        capture(tiny_model, batch.tokens_bt, [hook], batch.mask_bt)

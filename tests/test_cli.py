@@ -21,6 +21,14 @@ def interp(*args, cwd=None):
     return subprocess.run([INTERP, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+def in_process(*args):
+    from typer.testing import CliRunner
+
+    from interp.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def test_train_then_eval(tmp_path):
     result = interp("train", *SMALL, "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
@@ -72,13 +80,88 @@ def test_info_lists_hooks_with_shapes():
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
-    result = interp("train", *SMALL, *args, "--out", str(tmp_path / "run"))
-    assert result.returncode == 2
+    # In-process (the entry point itself is exercised above): each subprocess pays for imports.
+    result = in_process("train", *SMALL, *args, "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    result = interp("train", *SMALL, "--dataset", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "run"))
-    assert result.returncode == 2 and "no text" in result.stderr
+    result = in_process("train", *SMALL, "--dataset", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "no text" in result.stderr
+
+
+def in_process(*args):
+    from interp.cli.main import app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_every_setting_is_an_option_declared_once(tmp_path):
+    """Every field of the configs `interp train` builds is an option, with its docstring as help;
+    the four the old hand-written CLI could not set reach the run."""
+    import dataclasses
+
+    from interp.cli.options import coder_options, config_options
+
+    from interp.run import RunConfig
+
+    options = config_options(RunConfig, exclude=["coder_options"]) + coder_options()
+    flags = [o.flag for o in options]
+    assert len(flags) == len(set(flags))
+    leaves = {f.name for f in dataclasses.fields(RunConfig)} - {"data", "train", "coder_options"}
+    from interp.data import DataConfig
+    from interp.train import TrainConfig
+
+    leaves |= {f.name for f in dataclasses.fields(DataConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
+    assert leaves | {"k", "k_aux", "aux_coef", "beta", "threshold_rate", "density_rate", "underuse_factor", "zipf_exponent"} == {
+        o.path[-1] for o in options
+    }
+    assert all(o.help for o in options)
+    extra = ["--grad-clip", "0.5", "--decay-start", "0.5", "--b-dec-init", "mean", "--log-every", "2", "--aux-coef", "0.1"]
+    result = in_process("train", *SMALL, *extra, "--eval-every", "0", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["train"]["grad_clip"] == 0.5 and saved["train"]["decay_start"] == 0.5
+    assert saved["train"]["b_dec_init"] == "mean" and saved["train"]["log_every"] == 2
+    assert saved["coder_options"] == {"k": 4, "aux_coef": 0.1}
+    assert load_sae(tmp_path / "run").cfg.aux_coef == 0.1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tokens", "0"], "tokens must be a whole number >= 1"),
+        (["--batch-size", "-4"], "batch size must be a whole number >= 1"),
+        (["--model-batch", "0"], "model batch must be a whole number >= 1"),
+        (["--context-size", "1"], "context_size must be at least 2"),
+        (["--device", "cuda"], "use --device cpu"),
+        (["--device", "tpu9"], "unknown device"),
+        (["--lr", "-1"], "lr must be > 0"),
+    ],
+)
+def test_bad_numbers_and_devices_are_clear_errors(tmp_path, args, message):
+    result = in_process("train", *SMALL, *args, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_takes_no_other_settings(tmp_path):
+    result = in_process("train", "--resume", "--out", tmp_path / "run", "--k", "8")
+    assert result.exit_code == 2 and "--resume continues" in result.stderr and "--k" in result.stderr
+
+
+def test_a_bug_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    """Only the library's InterpError is bad input; anything else propagates with its traceback."""
+    import interp.run
+
+    def broken(*args, **kwargs):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(interp.run, "train_run", broken)
+    result = in_process("train", *SMALL, "--out", tmp_path / "run")
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+    assert "error:" not in result.stderr

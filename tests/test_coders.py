@@ -7,7 +7,7 @@ import torch
 from interp.data import DataConfig
 from interp.metrics import splice_metrics
 from interp.run import RunConfig, heldout_token_batches, target_hook, train_run
-from interp.sae import REGISTRY, create_coder, load_sae
+from interp.sae import REGISTRY, SelectContext, create_coder, load_sae
 from interp.sae.allocation import batch_topk
 from interp.sae.choice import underused_by_zipf, zipf_capacities
 from interp.train import TrainConfig
@@ -28,14 +28,14 @@ def data(batch=B, seed=0):
 
 
 def context(coder, grad):
-    return {"grad": grad} if getattr(coder, "needs_grad", False) else {}
+    return SelectContext(grad=grad) if coder.needs_grad else SelectContext()
 
 
 def warm_up(coder, steps=5):
     """A few training-mode passes, so running estimates (thresholds, densities) are set."""
     for step in range(steps):
         x, grad = data(seed=step + 1)
-        coder(x, **context(coder, grad))
+        coder(x, ctx=context(coder, grad))
 
 
 def dense(code, n=N):
@@ -62,7 +62,7 @@ def test_select_returns_the_preactivations_it_chose(arch, training):
     coder.train(training)
     x, grad = data(seed=9)
     pre = coder.preacts(coder.encoder_input(coder.normalized_input(x)))
-    indices, pre_bk = coder.select(pre, **context(coder, grad))
+    indices, pre_bk = coder.select(pre, context(coder, grad))
     used = indices >= 0
     assert used.any()
     assert torch.equal(pre_bk[used], pre.gather(1, indices.clamp(min=0))[used])
@@ -75,24 +75,28 @@ def test_shapes_and_save_load_round_trip(arch, tmp_path):
     coder.fit_normalization(x)
     coder.init_decoder_bias(x)
     warm_up(coder)
-    out = coder(x, **context(coder, grad))
+    out = coder(x, ctx=context(coder, grad))
     assert out.x_hat.shape == (B, D) and out.code.indices_bk.shape == out.code.values_bk.shape
     assert out.code.indices_bk.shape[0] == B and out.fvu.ndim == 0
     coder.save(tmp_path / arch)
     loaded = load_sae(tmp_path / arch)
     assert type(loaded) is type(coder) and loaded.cfg == coder.cfg
+    assert set(loaded.training_state()) == set(coder.training_state())
+    # A saved coder carries what inference needs; training's own state (running estimates'
+    # bookkeeping) travels in the trainer's checkpoint.
+    loaded.load_training_state(coder.training_state())
     for mode in (True, False):
         coder.train(mode), loaded.train(mode)
         # Training-mode passes update running estimates: compare on copies of the same state.
         torch.testing.assert_close(loaded.state_dict(), coder.state_dict(), rtol=0, atol=0)
-        assert torch.equal(loaded(x, **context(coder, grad)).x_hat, coder(x, **context(coder, grad)).x_hat)
+        assert torch.equal(loaded(x, ctx=context(coder, grad)).x_hat, coder(x, ctx=context(coder, grad)).x_hat)
 
 
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_gradients_reach_only_active_latents(arch):
     coder = make(arch, aux_coef=0.0)
     x, grad = data()
-    out = coder(x, **context(coder, grad))
+    out = coder(x, ctx=context(coder, grad))
     (out.fvu + out.aux_loss).backward()
     active = torch.zeros(N, dtype=torch.bool)
     active[out.code.indices_bk[out.code.values_bk > 0]] = True
@@ -107,7 +111,7 @@ def test_topk_and_gradient_keep_exactly_k():
     for arch in ("topk", "gradient"):
         coder = make(arch)
         x, grad = data()
-        assert ((coder.encode(x, **context(coder, grad)).indices_bk >= 0).sum(1) == K).all()
+        assert ((coder.encode(x, context(coder, grad)).indices_bk >= 0).sum(1) == K).all()
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "mutual_choice"])
@@ -207,7 +211,7 @@ def test_gradient_selection_uses_the_gradient():
     topk = make("topk")
     topk.load_state_dict(coder.state_dict())
     x, grad = data()
-    selected = lambda c, **kw: set(map(tuple, (dense(c.encode(x, **kw)) > 0).nonzero().tolist()))
+    selected = lambda c, **kw: set(map(tuple, (dense(c.encode(x, SelectContext(**kw))) > 0).nonzero().tolist()))
     with_grad = selected(coder, grad=grad)
     assert with_grad != selected(coder, grad=grad.flip(0))
     assert with_grad != selected(topk)
@@ -249,12 +253,12 @@ def test_transcode_target_defaults_to_the_mlp_output():
 
 
 def test_transcoder_splice_replaces_the_mlp_output(tiny_model):
-    cfg = RunConfig(model="tiny-llama", data=DataConfig(context_size=16), model_batch=2, splice_tokens=30)
+    cfg = RunConfig(model="tiny-llama", data=DataConfig(context_size=16, model_batch=2), splice_tokens=30)
     coder = create_coder("topk", d_in=64, n_latents=64, k=4, hook="blocks.1.ln2.hook_normalized",
                          target_hook="blocks.1.hook_mlp_out")
     with torch.no_grad():
         coder.W_dec.zero_(), coder.b_dec.zero_()  # reconstructs zeros: splicing it is zero-ablating the MLP
-    metrics = splice_metrics(tiny_model, coder, heldout_token_batches(tiny_model, cfg, 30), progress=False)
+    metrics = splice_metrics(tiny_model, coder, heldout_token_batches(tiny_model, cfg.data, 30), progress=False)
     assert metrics["loss_spliced"] == pytest.approx(metrics["loss_zero"], abs=1e-5)
     assert metrics["loss_spliced"] != pytest.approx(metrics["loss_clean"], abs=1e-4)
 
@@ -280,7 +284,7 @@ def test_attention_output_coder_attributes_latents_to_heads():
 )
 def test_train_run_on_the_tiny_model(arch, hook, extra, tmp_path):
     cfg = RunConfig(
-        model="tiny-llama", hook=hook, arch=arch, k=4, expansion=2, data=DataConfig(context_size=32), model_batch=4,
+        model="tiny-llama", hook=hook, arch=arch, coder_options={"k": 4}, expansion=2, data=DataConfig(context_size=32, model_batch=4),
         buffer_tokens=512, eval_tokens=200, splice_tokens=60, train=TrainConfig(tokens=1024, batch_size=128, eval_every=0),
         **extra,
     )
@@ -289,3 +293,36 @@ def test_train_run_on_the_tiny_model(arch, hook, extra, tmp_path):
     assert load_sae(tmp_path / arch).cfg == coder.cfg
     if extra.get("transcode"):
         assert coder.cfg.target_hook == "blocks.0.hook_mlp_out" and coder.cfg.skip
+
+
+def test_saved_coders_carry_inference_state_only_and_version_1_folders_load(tmp_path):
+    """Format 2 keeps the input-norm bound as a buffer and training-only state out of the folder;
+    a folder written by format 1 (bound in cfg.json, training state among the weights) loads."""
+    import json
+
+    from safetensors.torch import save_file
+
+    coder = make("mutual_choice")
+    warm_up(coder)
+    coder.set_max_input_norm(7.5)
+    coder.eval()
+    folder = coder.save(tmp_path / "v2")
+    saved = json.loads((folder / "cfg.json").read_text())
+    assert saved["format_version"] == 2 and "max_input_norm" not in saved["config"]
+    assert "density" not in load_sae(folder).state_dict() and "threshold" in load_sae(folder).state_dict()
+    x, _ = data(seed=7)
+    # The same coder as format 1 wrote it.
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    weights = {k: v for k, v in coder.state_dict().items() if k != "input_bound"} | coder.training_state()
+    save_file({k: v.contiguous() for k, v in weights.items()}, v1 / "weights.safetensors")
+    (v1 / "cfg.json").write_text(json.dumps({**saved, "format_version": 1, "config": {**saved["config"], "max_input_norm": 7.5}}))
+    old = load_sae(v1).eval()
+    assert old.max_input_norm == 7.5 and old.cfg == coder.cfg
+    assert torch.equal(old.reconstruct(x), coder.reconstruct(x))
+
+
+def test_the_selection_context_is_typed():
+    with pytest.raises(TypeError):
+        SelectContext(dead_maks=torch.zeros(3, dtype=torch.bool))
+    assert not create_coder("topk", d_in=4, n_latents=8, k=2).needs_grad and REGISTRY["gradient"].needs_grad

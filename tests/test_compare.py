@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from interp import compare as compare_module
 from interp.compare import COLUMNS, CompareConfig, compare
 from interp.data import DataConfig
-from interp.run import RunConfig, cache_run
+from interp.run import CacheConfig, RunConfig, cache_run
 from interp.sae import load_sae
 from interp.train import TrainConfig
 
@@ -14,8 +14,9 @@ from interp.train import TrainConfig
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("store")
-    cache_run("tiny-llama", ["blocks.0.hook_resid_post"], folder, tokens=1024, data=DataConfig(context_size=32),
-              model_batch=4, shard_tokens=512, with_grads=True, progress=False)
+    cfg = CacheConfig(model="tiny-llama", hooks=["blocks.0.hook_resid_post"], tokens=1024,
+                      data=DataConfig(context_size=32, model_batch=4), shard_tokens=512, with_grads=True)
+    cache_run(cfg, folder, progress=False)
     return folder
 
 
@@ -25,7 +26,10 @@ def test_compare_writes_table_json_and_figure(store, tmp_path, monkeypatch):
     cfg = CompareConfig(base, archs=["topk", "feature_choice", "gradient"], ks=[4], seeds=[0, 1])
     result = compare(cfg, tmp_path, progress=False)
     assert len(result["runs"]) == 6 and len(result["table"]) == 3
-    assert base.model == "tiny-llama" and base.hook == "blocks.0.hook_resid_post"  # read from the store
+    # Read from the store, into the comparison's own copy: the caller's settings are left as they were.
+    used = result["settings"]["base"]
+    assert used["model"] == "tiny-llama" and used["hook"] == "blocks.0.hook_resid_post"
+    assert base.hook == "" and base.model == "smollm2-135m"
     for row in result["table"]:
         assert set(COLUMNS) <= set(row) and row["train_tokens_per_s"] > 0
     table = (tmp_path / "compare.md").read_text()
@@ -51,7 +55,7 @@ def test_compare_gives_each_architecture_its_own_options_and_one_norm_bound(stor
     assert gradient.cfg.beta == 3.0 and not hasattr(topk.cfg, "beta")
     first_shard = load_file(store / "shard_00000.safetensors")["blocks.0.hook_resid_post"]
     bound = 1.05 * first_shard.norm(dim=1).median().item()
-    assert topk.cfg.max_input_norm == gradient.cfg.max_input_norm == pytest.approx(bound)
+    assert topk.max_input_norm == gradient.max_input_norm == pytest.approx(bound)
     assert 0 < json.loads((tmp_path / "runs" / "topk-k4-s0" / "eval.json").read_text())["outlier_frac"] < 0.6
 
 

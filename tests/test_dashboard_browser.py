@@ -32,7 +32,7 @@ def dump_dom(url, profile):
 def test_dashboard_renders_in_chromium(tmp_path, tiny_model):
     torch.manual_seed(0)
     coder = create_coder("topk", d_in=64, n_latents=64, k=4, hook="blocks.1.hook_resid_post", model="tiny-llama").eval()
-    cfg = FeatureConfig(tokens=1000, top_k=5, samples=8, model_batch=4, data=DataConfig(context_size=32))
+    cfg = FeatureConfig(tokens=1000, top_k=5, samples=8, data=DataConfig(context_size=32, model_batch=4))
     results = collect_features(tiny_model, coder, cfg, progress=False)
     page = write_dashboard(results, tmp_path / "dashboard.html")
     feature = int(results.density_n.argmax())

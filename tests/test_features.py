@@ -5,22 +5,30 @@ import re
 
 import pytest
 import torch
+from interp.cli.main import app
 from plotly.offline import get_plotlyjs
-
 from typer.testing import CliRunner
 
-from interp.activations import ModelChunks
-from interp.cli.main import app
 from interp.dashboard import write_dashboard
 from interp.data import DataConfig, iter_texts, iter_token_batches
 from interp.features import (
-    FeatureConfig, collect_features, decoder_neighbours, feature_activations, features_on_text, load_features,
+    FeatureConfig,
+    collect_features,
+    decoder_neighbours,
+    feature_activations,
+    features_on_text,
+    load_features,
     search_features,
 )
-from interp.plots import activation_histogram, density_histogram, neighbours_figure, text_heatmap
+from interp.plots import (
+    activation_histogram,
+    density_histogram,
+    neighbours_figure,
+    text_heatmap,
+)
 from interp.sae import create_coder
 
-CFG = FeatureConfig(tokens=2000, top_k=5, samples=8, left=4, right=2, model_batch=4, data=DataConfig(context_size=32))
+CFG = FeatureConfig(tokens=2000, top_k=5, samples=8, left=4, right=2, data=DataConfig(context_size=32, model_batch=4))
 
 
 def tiny_coder(hook="blocks.1.hook_resid_post", target_hook=None):
@@ -37,12 +45,13 @@ def collected(tiny_model):
 def brute_force(model, coder):
     """Every firing (feature, value, sequence row, position) of the same text, the slow way."""
     batches = iter_token_batches(model.tokenizer, iter_texts("builtin"), 32, 4)
-    source = ModelChunks(model, lambda: batches, [coder.cfg.hook])
     firings, seen, rows = [], 0, []
     for batch in batches:
         if seen >= CFG.tokens:
             break
-        code = coder.encode(source.run(batch)[coder.cfg.hook])
+        with torch.no_grad():
+            _, cache = model.run_with_cache(batch.tokens_bt, names_filter=[coder.cfg.hook])
+        code = coder.encode(cache[coder.cfg.hook][batch.mask_bt])
         where = batch.mask_bt.nonzero()
         for t in range(len(where)):
             for f, v in zip(code.indices_bk[t].tolist(), code.values_bk[t].tolist()):
@@ -144,7 +153,7 @@ def test_dashboard_is_one_offline_file(tmp_path, collected):
 
 def test_transcoder_features(tiny_model):
     coder = tiny_coder("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
-    cfg = FeatureConfig(tokens=500, top_k=3, samples=4, model_batch=4, data=DataConfig(context_size=32))
+    cfg = FeatureConfig(tokens=500, top_k=3, samples=4, data=DataConfig(context_size=32, model_batch=4))
     results = collect_features(tiny_model, coder, cfg, progress=False)
     assert results.n_tokens >= 500 and results.has_logit_lens
 

@@ -11,7 +11,16 @@ from transformers.cache_utils import DynamicCache
 from interp.generation import cache_usable, decode, kv_cache_exact
 from interp.models import load_hf
 from interp.sae import create_coder
-from interp.steering import GenerateConfig, ablate, add_direction, add_feature, clamp, compare_generations, generate, steer
+from interp.steering import (
+    GenerateConfig,
+    ablate,
+    add_direction,
+    add_feature,
+    clamp,
+    compare_generations,
+    generate,
+    steer,
+)
 
 PROMPTS = ["Hi", "The cat sat on the mat and looked", "A much longer prompt, so that the cache holds many positions before the first step."]
 HOOK = "blocks.0.hook_resid_post"

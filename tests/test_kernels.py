@@ -20,10 +20,10 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import triton.language as tl  # noqa: E402
+from interp.kernels import dispatch, ops  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from interp import kernels  # noqa: E402
-from interp.kernels import dispatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = DEVICE == "cuda" or isinstance(tl.zeros, InterpretedFunction)
@@ -68,17 +68,19 @@ def assert_close(actual, expected, dtype, what):
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]}"
 
 
-def run_products(backend, indices_bk, values_bk, W_nd, bias_d, x_bd, b_enc_n, grad_bd, grad_bk, use_pre=False):
-    """Forward both products and backward from fixed upstream gradients; returns values and grads."""
+def run_products(backend, indices_bk, values_bk, W_nd, bias_d, x_bd, b_enc_n, grad_bd, grad_bk, use_pre=False, shared_layout=False):
+    """Forward both products and backward from fixed upstream gradients; returns values and grads.
+    shared_layout: both products get one `latent_layout` of the indices."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (values_bk, W_nd, bias_d, x_bd, b_enc_n)]
     values, W, bias, x, b_enc = leaves
+    layout = kernels.latent_layout(indices_bk, W.shape[0]) if shared_layout else None
     with kernels.use_backend(backend):
-        out_bd = kernels.decode(indices_bk, values, W, bias)
+        out_bd = kernels.decode(indices_bk, values, W, bias, layout=layout)
         pre_given = None
         if use_pre:
             with torch.no_grad():
                 pre_given = kernels.encode_selected_reference(x, W, b_enc, indices_bk)
-        pre_bk = kernels.encode_selected(x, W, b_enc, indices_bk, pre_bk=pre_given)
+        pre_bk = kernels.encode_selected(x, W, b_enc, indices_bk, pre_bk=pre_given, layout=layout)
         torch.autograd.backward([out_bd, pre_bk], [grad_bd, grad_bk])
     return [out_bd.detach(), pre_bk.detach()] + [t.grad for t in leaves]
 
@@ -152,8 +154,8 @@ def test_decode_backward_for_one_input(backend, wanted):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sort_shared_between_products_follows_the_indices(backend):
-    """Products of one indices tensor share its sort by latent; changing the indices in place or
-    using them with another table width sorts again."""
+    """Without a layout every product sorts its own indices: changing the indices in place between
+    products, or using them with another table height, still gives the right gradients."""
     B, k, d = 10, 3, 6
     indices_bk, values_bk = sparse_code(B, k, 11)
     g = torch.Generator().manual_seed(6)
@@ -172,6 +174,89 @@ def test_sort_shared_between_products_follows_the_indices(backend):
         kernels.decode_reference(indices, v_ref, W_ref).backward(grad_bd)
         assert_close(v.grad, v_ref.grad, torch.float32, f"{backend} d values")
         assert_close(W.grad, W_ref.grad, torch.float32, f"{backend} d W")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["ragged_repeats", "one_wide_row", "k_exceeds_n"])
+@pytest.mark.parametrize("use_pre", [False, True])
+def test_shared_layout_matches_reference_and_sorts_once(backend, case, use_pre, monkeypatch):
+    """decode and encode_selected given one layout: the values and gradients of the products
+    without it (bit for bit: the same sort) and of the dense reference, from one sort."""
+    B, k, n, d, ragged = CASES[case]
+    indices_bk, values_bk = sparse_code(B, k, n, ragged=ragged)
+    g = torch.Generator().manual_seed(7)
+    W_nd, x_bd, grad_bd = (torch.randn(*s, generator=g).to(DEVICE) for s in ((n, d), (B, d), (B, d)))
+    bias_d, b_enc_n, grad_bk = (torch.randn(*s, generator=g).to(DEVICE) for s in ((d,), (n,), (B, k)))
+    inputs = (indices_bk, values_bk, W_nd, bias_d, x_bd, b_enc_n, grad_bd, grad_bk)
+    sorts = []
+    by_latent = ops._by_latent
+    monkeypatch.setattr(ops, "_by_latent", lambda *args: sorts.append(args) or by_latent(*args))
+    shared = run_products(backend, *inputs, use_pre=use_pre, shared_layout=True)
+    assert len(sorts) == 1, f"the shared layout sorted {len(sorts)} times"
+    alone = run_products(backend, *inputs, use_pre=use_pre)
+    assert len(sorts) == 3, "without a layout each product sorts its own"
+    expected = run_products("reference", *(t.double() if t.is_floating_point() else t for t in inputs), use_pre=use_pre)
+    for name, a, b, e in zip(NAMES, shared, alone, expected):
+        assert torch.equal(a, b), f"{backend} {case} {name}: the shared layout changed the result"
+        assert_close(a, e, torch.float32, f"{backend} {case} {name}")
+
+
+def test_layout_must_match_its_indices():
+    B, k, n, d = 6, 3, 10, 4
+    indices_bk, values_bk = sparse_code(B, k, n, ragged=True)
+    W_nd, x_bd = torch.randn(n, d, device=DEVICE), torch.randn(B, d, device=DEVICE)
+    b_enc_n = torch.zeros(n, device=DEVICE)
+    layout = kernels.latent_layout(indices_bk, n)
+    assert isinstance(layout, kernels.LatentLayout)
+
+    def both(indices, W, layout):
+        kernels.decode(indices, values_bk[:, : indices.shape[1]], W, layout=layout)
+        kernels.encode_selected(x_bd, W, b_enc_n, indices, layout=layout)
+
+    both(indices_bk, W_nd, layout)
+    both(indices_bk[:], W_nd, layout)  # a view of the same memory is the same indices
+    for backend in ("torch", "reference"):  # checked whichever backend runs
+        with kernels.use_backend(backend):
+            with pytest.raises(ValueError, match="other indices"):
+                both(indices_bk.clone(), W_nd, layout)  # equal values, but another tensor
+            with pytest.raises(ValueError, match="other indices"):
+                both(indices_bk.to(torch.int32), W_nd, layout)
+            with pytest.raises(ValueError, match="other indices"):
+                both(indices_bk[:, :2], W_nd, layout)
+            with pytest.raises(ValueError, match="latents"):
+                both(indices_bk, torch.randn(n + 1, d, device=DEVICE), layout)
+            with pytest.raises(ValueError, match="latents"):
+                kernels.encode_selected(x_bd, torch.randn(n + 1, d, device=DEVICE), torch.zeros(n + 1, device=DEVICE), indices_bk, layout=layout)
+    indices_bk[0, 0] = (indices_bk[0, 0] + 1) % n
+    with pytest.raises(ValueError, match="changed in place"):
+        kernels.decode(indices_bk, values_bk, W_nd, layout=layout)
+    with pytest.raises(ValueError, match="changed in place"):
+        kernels.encode_selected(x_bd, W_nd, b_enc_n, indices_bk, layout=layout)
+    both(indices_bk, W_nd, kernels.latent_layout(indices_bk, n))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        kernels.latent_layout(values_bk, n)
+    with pytest.raises(ValueError, match="n_latents"):
+        kernels.latent_layout(indices_bk, 0)
+    with pytest.raises(TypeError):
+        kernels.latent_layout(indices_bk, 10.0)
+
+
+@pytest.mark.parametrize(
+    "E, n_latents",
+    [(4096 * 32, 9216), (5000, 3), (1, 1), (0, 5), (3000, (1 << 16) - 1), (3000, 1 << 16), (20000, (1 << 20) + 3), (3000, 2**31 - 2)],
+)
+def test_cpu_sort_is_torch_stable_sort(E, n_latents):
+    """The CPU sort by latent gives exactly torch's stable sort order (empty slots have key
+    n_latents, so keys lie in [0, n_latents]); ties are frequent."""
+    g = torch.Generator().manual_seed(E + n_latents)
+    keys_e = torch.randint(0, n_latents + 1, (E,), generator=g, dtype=torch.int64).to(torch.int32)
+    if E > 10:
+        keys_e[::7] = n_latents  # empty slots
+        keys_e[1::11] = 0
+        keys_e[2::13] = keys_e[2]  # a heavily repeated key
+    order_e = ops._stable_order_cpu(keys_e, n_latents)
+    assert order_e.dtype == torch.int64
+    assert torch.equal(order_e, torch.sort(keys_e, stable=True)[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -64,7 +64,7 @@ def test_tokens_above_the_norm_bound_are_left_out_of_the_metrics():
         sae.W_dec[0] = 0  # the bound must hide these errors: only outliers use latent 0
         x[:, 0] = -x[:, 0].abs()
         x[:4, 0] = 1000.0
-    sae.cfg.max_input_norm = 100.0
+    sae.set_max_input_norm(100.0)
     metrics = reconstruction_metrics(sae, [{HOOK: x}])
     assert metrics["fvu"] == pytest.approx(0, abs=1e-10)
     assert metrics["eval_tokens"] == 96 and metrics["outlier_frac"] == 0.04
@@ -74,7 +74,7 @@ def test_tokens_above_the_norm_bound_stay_clean_when_spliced(tiny_model):
     sae = perfect_sae(tiny_model.cfg.d_model)
     with torch.no_grad():
         sae.W_dec.zero_()  # would ruin every token it covers
-    sae.cfg.max_input_norm = 0.0  # it covers none
+    sae.set_max_input_norm(0.0)  # it covers none
     metrics = splice_metrics(tiny_model, sae, token_batches(tiny_model), progress=False)
     assert metrics["loss_spliced"] == pytest.approx(metrics["loss_clean"], abs=1e-6)
     assert metrics["loss_zero"] == pytest.approx(metrics["loss_clean"], abs=1e-6)

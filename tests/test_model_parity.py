@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from transformer_lens.model_bridge import TransformerBridge
 
-from interp.activations import ModelChunks, grad_key
 from interp.data import TokenBatch
+from interp.hooks import capture, grad_key
 from interp.metrics import splice_metrics
-from interp.models import load_hf
+from interp.models import load_hf, stop_layer
 from interp.sae import create_coder
 
 TEXT = "The quick brown fox jumps over the lazy dog. It was not amused, and it said so twice."
@@ -133,11 +133,11 @@ def test_captured_activations_and_gradients_match_the_hf_model(tiny_model, tiny_
     batch = TokenBatch(tokens, mask)
     _, expected = hf_points(tiny_hf, tokens, 0)
     # Stopped after block 0, as interp's activation pass does.
-    stopped = ModelChunks(tiny_model, lambda: iter([batch]), ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]).run(batch)
-    assert ModelChunks(tiny_model, lambda: iter([batch]), ["blocks.0.hook_resid_post"]).stop_at_layer == 1
+    stopped = capture(tiny_model, batch.tokens_bt, ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"], batch.mask_bt)
+    assert stop_layer(tiny_model, ["blocks.0.hook_resid_post"]) == 1
     for name in ("blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"):
         torch.testing.assert_close(stopped[name], expected[name][0, 1:], atol=1e-5, rtol=1e-4)
-    with_grads = ModelChunks(tiny_model, lambda: iter([batch]), ["blocks.0.hook_resid_post"], with_grads=True).run(batch)
+    with_grads = capture(tiny_model, batch.tokens_bt, ["blocks.0.hook_resid_post"], batch.mask_bt, with_grads=True)
     grad = hf_resid_grad(tiny_hf, tokens, 0)
     torch.testing.assert_close(with_grads[grad_key("blocks.0.hook_resid_post")], grad[0, 1:], atol=1e-5, rtol=1e-4)
     assert grad[0, 1:].abs().max() > 0
@@ -172,6 +172,6 @@ def test_smollm2_bridge_matches_the_hf_model(smollm2, smollm2_hf):
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
     batch = TokenBatch(tokens, mask)
-    captured = ModelChunks(smollm2, lambda: iter([batch]), ["blocks.6.hook_resid_post"], with_grads=True).run(batch)
+    captured = capture(smollm2, batch.tokens_bt, ["blocks.6.hook_resid_post"], batch.mask_bt, with_grads=True)
     grad = hf_resid_grad(smollm2_hf, tokens, 6)
     torch.testing.assert_close(captured[grad_key("blocks.6.hook_resid_post")], grad[0, 1:], atol=1e-4, rtol=1e-3)

@@ -9,10 +9,10 @@ import nbformat
 import pytest
 from jupyter_client.kernelspec import NATIVE_KERNEL_NAME
 from nbclient import NotebookClient
-
-from interp.steering import GenerateConfig
 from test_generation import reference_decode
 from test_steering import small_smollm2_run
+
+from interp.steering import GenerateConfig
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 

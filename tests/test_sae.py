@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from interp.sae import TopKSAE, create_coder, load_sae
-from interp.sae.base import fraction_unexplained, geometric_median
+from interp.sae.base import SelectContext, geometric_median
+from interp.sae.losses import fraction_unexplained
 
 
 def make(d=16, n=64, k=4):
@@ -35,7 +36,7 @@ def test_reused_preactivation_buffer_leaks_into_no_result():
     fresh = create_coder("topk", d_in=12, n_latents=40, k=5, hook="h")
     fresh.load_state_dict(sae.state_dict())
     torch.testing.assert_close(fresh(x2).x_hat, out2.x_hat, rtol=0, atol=0)
-    assert sae._preacts_workspace.shape == (50, 40)  # grown once, then reused
+    assert sae._preacts._buffer.shape == (50, 40)  # grown once, then reused
 
 
 def test_k_larger_than_latents_is_rejected():
@@ -103,10 +104,10 @@ def test_auxk_only_with_dead_latents():
     sae = make()
     x = torch.randn(32, 16)
     none_dead = torch.zeros(64, dtype=torch.bool)
-    assert sae(x, dead_mask=none_dead).aux_loss.item() == 0
+    assert sae(x, ctx=SelectContext(dead_mask=none_dead)).aux_loss.item() == 0
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:20] = True
-    out = sae(x, dead_mask=dead)
+    out = sae(x, ctx=SelectContext(dead_mask=dead))
     assert out.aux_loss.item() > 0
     out.aux_loss.backward()
     # AuxK trains only the dead latents' encoder rows.

@@ -2,6 +2,7 @@
 generation, bad input, and a measured effect on the real embedded model."""
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,23 @@ import torch
 
 from interp.data import DataConfig
 from interp.features import logit_lens
+from interp.generation import decode
+from interp.hooks import output_hook
 from interp.run import RunConfig, train_run
 from interp.sae import create_coder, load_sae
-from interp.train import TrainConfig
-from interp.generation import decode
 from interp.steering import (
-    GenerateConfig, ablate, add_direction, add_feature, clamp, compare_generations, feature_direction,
-    intervention_hooks, scale, steer,
+    GenerateConfig,
+    ablate,
+    add_direction,
+    add_feature,
+    applied,
+    clamp,
+    compare_generations,
+    feature_direction,
+    scale,
+    steer,
 )
+from interp.train import TrainConfig
 
 SAE_HOOKS = {"sae": ("blocks.0.hook_resid_post", None), "transcoder": ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")}
 
@@ -53,7 +63,7 @@ def feature_values(coder, x_btd, feature):
 def test_ablation_removes_exactly_the_feature(tiny_model, kind):
     coder = tiny_coder(kind)
     tokens = tiny_model.to_tokens("The cat sat on the mat and looked around.")
-    read, write = coder.cfg.hook, coder.cfg.target_hook or coder.cfg.hook
+    read, write = coder.cfg.hook, output_hook(coder)
     x_in, _ = capture(tiny_model, tokens, read)
     clean, _ = capture(tiny_model, tokens, write)
     # Pick the feature that fires on most tokens so the check is not vacuous.
@@ -102,11 +112,13 @@ def test_new_positions_only_steer_generated_tokens(tiny_model):
         steps.append(act.detach().clone())
         return act
 
-    def hooks(window):
-        steering = intervention_hooks(tiny_model, [add_direction(hook, direction, 10.0)], "new", window)
-        return steering + [(tiny_model.hook_dict[hook].name, log_step)]
+    @contextmanager
+    def during(window):
+        with applied(tiny_model, [add_direction(hook, direction, 10.0)], "new", window):
+            with tiny_model.hooks(fwd_hooks=[(tiny_model.hook_dict[hook].name, log_step)]):
+                yield
 
-    decode(tiny_model, tokens[0].tolist(), 3, [0], hooks=hooks, use_cache=True)
+    decode(tiny_model, tokens[0].tolist(), 3, [0], during=during, use_cache=True)
     # The prompt pass is untouched; each cached one-token pass carries the direction.
     torch.testing.assert_close(steps[0], cache[hook])
     assert len(steps) == 3 and all(s.shape[1] == 1 for s in steps[1:])
@@ -152,7 +164,7 @@ def small_smollm2_run(base: Path) -> Path:
     run = base / "smollm2-l6"
     if not (run / "cfg.json").exists():
         cfg = RunConfig(
-            model="smollm2-135m", hook="blocks.6.hook_resid_post", k=16, latents=1152,
+            model="smollm2-135m", hook="blocks.6.hook_resid_post", coder_options={"k": 16}, latents=1152,
             data=DataConfig(context_size=64), buffer_tokens=8192, eval_tokens=1008, splice_tokens=1008,
             train=TrainConfig(tokens=16_384, batch_size=1024, warmup_steps=2, eval_every=0, checkpoint_every=16),
         )

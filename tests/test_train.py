@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from interp.activations import ShuffleBuffer
-from interp.sae import create_coder, load_sae
-from interp.train import CHECKPOINT, METRICS, NonFiniteLoss, Trainer, TrainConfig, lr_factor
+from interp.sae import SelectContext, create_coder, load_sae
+from interp.train import (
+    CHECKPOINT,
+    METRICS,
+    NonFiniteLoss,
+    TrainConfig,
+    Trainer,
+    lr_factor,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -134,10 +141,11 @@ def test_tokens_above_the_norm_bound_are_left_out_of_training(tmp_path):
 
     bounded = trained(with_outliers, max_norm_ratio=10.0)
     median = with_outliers.norm(dim=1).median().item()
-    assert bounded.cfg.max_input_norm == pytest.approx(10 * median)
+    assert bounded.max_input_norm == pytest.approx(10 * median)
     clean = trained(chunk)
     for name, tensor in clean.state_dict().items():
-        assert torch.equal(tensor, bounded.state_dict()[name]), name
+        if name != "input_bound":  # the bound itself, checked above
+            assert torch.equal(tensor, bounded.state_dict()[name]), name
 
 
 def test_the_norm_bound_survives_resume_and_must_exceed_the_median(tmp_path):
@@ -145,8 +153,8 @@ def test_the_norm_bound_survives_resume_and_must_exceed_the_median(tmp_path):
     trainer.run()
     resumed = make_trainer(tmp_path, max_norm_ratio=4.0)
     resumed.load_checkpoint()
-    assert resumed.coder.cfg.max_input_norm == trainer.coder.cfg.max_input_norm is not None
-    assert load_sae(tmp_path).cfg.max_input_norm == trainer.coder.cfg.max_input_norm
+    assert resumed.coder.max_input_norm == trainer.coder.max_input_norm is not None
+    assert load_sae(tmp_path).max_input_norm == trainer.coder.max_input_norm
     with pytest.raises(ValueError, match="must be > 1"):
         TrainConfig(max_norm_ratio=0.5)
 
@@ -157,7 +165,7 @@ def test_gradients_are_clipped_to_the_bound_only_above_it(tmp_path, grad_clip):
     batch = next(trainer.buffer.batches(trainer.buffer_state))
     trainer.initialize(batch)
     twin = copy.deepcopy(trainer.coder)
-    out = twin(batch[HOOK], dead_mask=trainer.tokens_since_fired > trainer.cfg.dead_tokens)
+    out = twin(batch[HOOK], ctx=SelectContext(dead_mask=trainer.tokens_since_fired > trainer.cfg.dead_tokens))
     (out.fvu + out.aux_loss).backward()
     twin.remove_parallel_grads()
     unclipped = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]).item()

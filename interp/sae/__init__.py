@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-from interp.sae.base import CoderConfig, CoderOutput, SparseCode, SparseCoder, read_cfg
+from interp.errors import BadInput
+from interp.sae.base import (
+    CoderConfig,
+    CoderOutput,
+    ModelUnits,
+    SelectContext,
+    SparseCode,
+    SparseCoder,
+)
 from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from interp.sae.choice import (
     FeatureChoiceConfig,
@@ -13,6 +21,7 @@ from interp.sae.choice import (
     MutualChoiceConfig,
     MutualChoiceSAE,
 )
+from interp.sae.folder import read_cfg
 from interp.sae.gradient import GradientConfig, GradientSAE
 from interp.sae.topk import TopKConfig, TopKSAE
 
@@ -23,7 +32,7 @@ REGISTRY: dict[str, type[SparseCoder]] = {
 
 def coder_class(arch: str) -> type[SparseCoder]:
     if arch not in REGISTRY:
-        raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(REGISTRY))}")
+        raise BadInput(f"unknown architecture {arch!r}; registered: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[arch]
 
 
@@ -32,7 +41,7 @@ def create_coder(arch: str, **config) -> SparseCoder:
     known = {f.name for f in fields(cls.config_class)}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"{', '.join(unknown)} do not apply to architecture {arch!r}; its settings: {', '.join(sorted(known))}")
+        raise BadInput(f"{', '.join(unknown)} do not apply to architecture {arch!r}; its settings: {', '.join(sorted(known))}")
     return cls(cls.config_class(**config))
 
 
@@ -44,6 +53,6 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SparseCoder:
 
 __all__ = [
     "REGISTRY", "BatchTopKConfig", "BatchTopKSAE", "CoderConfig", "CoderOutput", "FeatureChoiceConfig",
-    "FeatureChoiceSAE", "GradientConfig", "GradientSAE", "MutualChoiceConfig", "MutualChoiceSAE", "SparseCode",
-    "SparseCoder", "TopKConfig", "TopKSAE", "coder_class", "create_coder", "load_sae",
+    "FeatureChoiceSAE", "GradientConfig", "GradientSAE", "ModelUnits", "MutualChoiceConfig", "MutualChoiceSAE",
+    "SelectContext", "SparseCode", "SparseCoder", "TopKConfig", "TopKSAE", "coder_class", "create_coder", "load_sae",
 ]

@@ -39,8 +39,7 @@ def select_above(pre_bn: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.T
 def batch_topk(pre_bn: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The `budget` largest positive pre-activations of the whole batch: (rows, cols, values).
 
-    One top-`budget` over all B x n entries is slow on the CPU (240 ms for 65k of 9.4M; this takes
-    80). Instead each row offers its top-c candidates (c = twice the mean share); they are a subset
+    One top-`budget` over all B x n entries is slow on the CPU. Instead each row offers its top-c candidates (c = twice the mean share); they are a subset
     of the batch, so their budget-th largest is a lower bound of the true cut. Every entry at or above
     that bound (a few more than `budget`, however the top is spread over rows) then goes into
     an exact top-`budget`."""

@@ -1,5 +1,5 @@
-"""What every sparse coder shares: parameters, normalisation, the sparse encode/decode path,
-and the folder format.
+"""What every sparse coder shares: parameters, normalisation, the sparse encode/decode path, its
+model-unit view, and the training support the trainer calls.
 
 Notation (as in ../shared/ALGORITHMS.md): x is the hooked activation (d), W_enc (n x d), b_enc (n),
 W_dec (n x d here: row i is latent i's unit-norm decoder direction, so the sparse decode gathers
@@ -7,32 +7,32 @@ contiguous rows), b_dec (d). Pre-activations z = W_enc (x - b_dec) + b_enc. A fa
 latents are active (`select`); values are ReLU(z) at those latents; x_hat = sum values * W_dec + b_dec.
 
 Inputs are scaled by one constant so that E ||x||^2 = d (and targets by their own constant), which
-makes learning rates transfer across models and layers; the constants are saved with the weights,
-so a loaded coder reproduces its outputs exactly, and outputs are returned in the model's units.
+makes learning rates transfer across models and layers; the constants are buffers saved with the
+weights, so a loaded coder reproduces its outputs exactly, and outputs are returned in the model's
+units. `model_units()` folds them into plain matrices.
 
-Folder format: `cfg.json` ({"format_version", "arch", "config", "meta"}) and `weights.safetensors`.
-Loading never unpickles, and rejects a folder whose files are missing, malformed, or disagree.
+State: parameters and buffers in `state_dict()` are what inference needs and what a saved coder
+carries (interp.sae.folder); buffers a family registers with `register_training_buffer` (moving
+averages' bookkeeping, densities) exist only for training: the trainer's checkpoint keeps them
+(`training_state`), a saved coder does not.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from abc import abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from interp import kernels
-from interp.atomic import write_json, write_tensors
-from interp.kernels import torch_ops
-
-FORMAT_VERSION = 1
+from interp.allocator import Workspace
+from interp.errors import BadInput
+from interp.sae.folder import load_coder, save_coder
+from interp.sae.losses import fraction_unexplained, shifted_encoder_bias, total_variance
 
 
 @dataclass
@@ -51,14 +51,25 @@ class CoderConfig:
     """Add a linear skip connection W_skip (d_out x d_in) from input to output (skip transcoder, Paulo et al. 2025)."""
     model: str = ""
     """Name of the model the coder was trained on, as given to interp.load_model."""
-    max_input_norm: float | None = None
-    """Tokens whose input norm (model units) exceeds this are outside the coder's domain: left out of training and evaluation, and left unchanged when spliced (set by training's max_norm_ratio)."""
 
     def __post_init__(self):
         if self.d_in <= 0 or self.n_latents <= 0:
-            raise ValueError(f"d_in and n_latents must be positive, got {self.d_in} and {self.n_latents}")
+            raise BadInput(f"d_in and n_latents must be positive, got {self.d_in} and {self.n_latents}")
         if self.d_out is None:
             self.d_out = self.d_in
+
+
+@dataclass(frozen=True)
+class SelectContext:
+    """What a family may use, in training, to choose a token's latents."""
+
+    dead_mask: torch.Tensor | None = None
+    """(n_latents,) bool: latents that have not fired for the trainer's dead window (AuxK)."""
+    grad: torch.Tensor | None = None
+    """(tokens, d_out): the loss gradient at the hook the coder writes (gradient SAEs), model units."""
+
+
+NO_CONTEXT = SelectContext()
 
 
 class SparseCode(NamedTuple):
@@ -86,9 +97,35 @@ class CoderOutput(NamedTuple):
         return self.x_hat_norm / self.out_scale
 
 
+class ModelUnits(NamedTuple):
+    """A coder as plain matrices in the model's units: pre-activations z = x @ W_enc.T + b_enc
+    (exactly the coder's, so its family selects from them as it does), feature activations as
+    `encode` returns them, and x_hat = sum_i f_i W_dec[i] + b_dec (+ x @ W_skip.T)."""
+
+    W_enc: torch.Tensor
+    """(n_latents, d_in)"""
+    b_enc: torch.Tensor
+    """(n_latents,)"""
+    W_dec: torch.Tensor
+    """(n_latents, d_out): feature i's direction per unit of its activation."""
+    b_dec: torch.Tensor
+    """(d_out,)"""
+    W_skip: torch.Tensor | None
+    """(d_out, d_in) for a skip transcoder."""
+
+
+def check_latent(feature, n_latents: int) -> int:
+    """`feature` as a latent index, or a clear error."""
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n_latents:
+        raise BadInput(f"feature {feature!r} is out of range: the coder has {n_latents} latents (0 to {n_latents - 1})")
+    return feature
+
+
 class SparseCoder(nn.Module):
     arch: ClassVar[str]
     config_class: ClassVar[type[CoderConfig]] = CoderConfig
+    needs_grad: ClassVar[bool] = False
+    """Whether training selects latents with the loss gradient (`SelectContext.grad`)."""
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()
@@ -106,40 +143,70 @@ class SparseCoder(nn.Module):
             self.W_skip = nn.Parameter(torch.zeros(d_out, d))
         self.register_buffer("in_scale", torch.ones(()))
         self.register_buffer("out_scale", torch.ones(()))
+        # Inputs with a norm above this (model units) are outside the coder's domain; inf: none.
+        self.register_buffer("input_bound", torch.tensor(math.inf))
+        self._training_buffers: list[str] = []
         self.meta: dict = {}
         """Free-form facts saved in cfg.json (training settings, evaluation)."""
-        self._preacts_workspace: torch.Tensor | None = None
+        self._preacts = Workspace()
 
-    # --- encode / decode -------------------------------------------------------------------
+    def register_training_buffer(self, name: str, tensor: torch.Tensor) -> None:
+        """A buffer only training needs: in the trainer's checkpoint, not in a saved coder."""
+        self.register_buffer(name, tensor, persistent=False)
+        self._training_buffers.append(name)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._training_buffers}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self._training_buffers) - set(state)
+        if missing:
+            raise BadInput(f"the training state lacks {sorted(missing)}")
+        for name in self._training_buffers:
+            getattr(self, name).copy_(state[name])
+
+    # --- the domain and the units ----------------------------------------------------------
+
+    @property
+    def max_input_norm(self) -> float | None:
+        """Tokens whose input norm (model units) exceeds this are outside the coder's domain: left
+        out of training and evaluation, and left unchanged when spliced. None: no bound."""
+        bound = float(self.input_bound)
+        return None if math.isinf(bound) else bound
+
+    def set_max_input_norm(self, bound: float | None) -> None:
+        self.input_bound.fill_(math.inf if bound is None else float(bound))
 
     def inliers(self, x: torch.Tensor) -> torch.Tensor:
-        """(tokens,) bool: which rows of `x` the coder covers (all of them unless max_input_norm is set)."""
-        if self.cfg.max_input_norm is None:
+        """(tokens,) bool: which rows of `x` the coder covers (all of them without a bound)."""
+        if self.max_input_norm is None:
             return torch.ones(len(x), dtype=torch.bool, device=x.device)
-        return x.float().norm(dim=1) <= self.cfg.max_input_norm
+        return x.float().norm(dim=1) <= self.max_input_norm
+
+    def check_feature(self, feature) -> int:
+        return check_latent(feature, self.cfg.n_latents)
+
+    @torch.no_grad()
+    def model_units(self) -> ModelUnits:
+        """The coder's matrices with its normalisation folded in: what steering, the logit lens,
+        circuits and export read."""
+        W_enc = self.W_enc * self.in_scale
+        b_enc = self.b_enc - self.W_enc @ self.b_dec if self.cfg.target_hook is None else self.b_enc.clone()
+        W_skip = self.W_skip * (self.in_scale / self.out_scale) if self.cfg.skip else None
+        return ModelUnits(W_enc, b_enc, self.W_dec / self.out_scale, self.b_dec / self.out_scale, W_skip)
+
+    # --- encode / decode -------------------------------------------------------------------
 
     def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.W_enc.dtype) * self.in_scale
 
-    def preacts(self, enc_in_bd: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def preacts(self, enc_in_bd: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations z (tokens, n) of the encoder input: the one dense product, computed
-        without autograd; gradients reach the weights through `kernels.encode_selected` at the
-        active latents only."""
+        without autograd into a reused workspace on the CPU; gradients reach the weights through
+        `kernels.encode_selected` at the active latents only. z never outlives the call."""
+        out = self._preacts.get(len(enc_in_bd), self.cfg.n_latents, self.W_enc.dtype, enc_in_bd.device)
         with torch.no_grad():
             return torch.addmm(self.b_enc, enc_in_bd, self.W_enc.t(), out=out)
-
-    def preacts_workspace(self, enc_in_bd: torch.Tensor) -> torch.Tensor | None:
-        """A (tokens, n) buffer that `encode` and `forward` reuse for z on the CPU, where a fresh
-        one is fresh memory from the system: first touching its pages cost 45 ms of a 340 ms
-        training step (4096 tokens x 9216 latents, 2 cores). None on GPUs, whose allocator
-        already reuses memory. z never outlives the call that computes it."""
-        if enc_in_bd.device.type != "cpu":
-            return None
-        rows, workspace = len(enc_in_bd), self._preacts_workspace
-        if workspace is None or workspace.shape[0] < rows or workspace.dtype != self.W_enc.dtype:
-            workspace = torch.empty(rows, self.cfg.n_latents, dtype=self.W_enc.dtype)
-            self._preacts_workspace = workspace
-        return workspace[:rows]
 
     def encoder_input(self, x_norm: torch.Tensor) -> torch.Tensor:
         """What the encoder multiplies, from the normalised input."""
@@ -152,58 +219,62 @@ class SparseCoder(nn.Module):
         """b_enc; for an SAE it also carries b_dec's gradient through the encoder input x - b_dec."""
         if self.cfg.target_hook is not None:
             return self.b_enc
-        return _ShiftedEncoderBias.apply(self.b_enc, self.W_enc, self.b_dec)
+        return shifted_encoder_bias(self.b_enc, self.W_enc, self.b_dec)
 
-    def active_values(self, enc_in_bd: torch.Tensor, indices_bk: torch.Tensor, pre_bk: torch.Tensor) -> torch.Tensor:
+    def active_values(self, enc_in_bd: torch.Tensor, indices_bk: torch.Tensor, pre_bk: torch.Tensor,
+                      layout: kernels.LatentLayout | None = None) -> torch.Tensor:
         """ReLU(z) at the selected latents (their pre-activations `pre_bk`, from `select`),
         differentiable through the sparse encoder backward."""
-        pre_bk = kernels.encode_selected(enc_in_bd, self.W_enc, self.encoder_bias(), indices_bk, pre_bk=pre_bk)
+        pre_bk = kernels.encode_selected(enc_in_bd, self.W_enc, self.encoder_bias(), indices_bk, pre_bk=pre_bk, layout=layout)
         return torch.relu(pre_bk).masked_fill(indices_bk < 0, 0.0)
 
     @abstractmethod
-    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, pre-activations) (tokens, k) of the active latents, -1 and any value in unused
         slots; never differentiated. The values come with the choice (a top-k returns them), which
         spares a gather from the (tokens, n) pre-activations."""
 
-    def encode(self, x: torch.Tensor, **context) -> SparseCode:
-        enc_in_bd = self.encoder_input(self.normalized_input(x))
-        pre_bn = self.preacts(enc_in_bd, out=self.preacts_workspace(enc_in_bd))
-        indices_bk, pre_bk = self.select(pre_bn, **context)
-        return SparseCode(indices_bk, self.active_values(enc_in_bd, indices_bk, pre_bk))
+    def _code(self, x_norm: torch.Tensor, ctx: SelectContext):
+        """The pipeline encode and forward share: (encoder input, z, code, the code's layout)."""
+        enc_in_bd = self.encoder_input(x_norm)
+        pre_bn = self.preacts(enc_in_bd)
+        indices_bk, pre_bk = self.select(pre_bn, ctx)
+        # One sort of the active entries by latent, shared by the decoder's and encoder's backward.
+        layout = kernels.latent_layout(indices_bk, self.cfg.n_latents)
+        values_bk = self.active_values(enc_in_bd, indices_bk, pre_bk, layout)
+        return enc_in_bd, pre_bn, SparseCode(indices_bk, values_bk), layout
+
+    def encode(self, x: torch.Tensor, ctx: SelectContext = NO_CONTEXT) -> SparseCode:
+        return self._code(self.normalized_input(x), ctx)[2]
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         """The code's reconstruction in the target's units (without a skip transcoder's linear term)."""
         return kernels.decode(code.indices_bk, code.values_bk, self.W_dec, self.b_dec) / self.out_scale
 
-    def reconstruct(self, x: torch.Tensor, code: SparseCode | None = None, **context) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, code: SparseCode | None = None, ctx: SelectContext = NO_CONTEXT) -> torch.Tensor:
         """What the coder puts in the target hook's place: decode(encode(x)) plus any skip term
         (pass `code` when x is already encoded)."""
-        out = self.decode(self.encode(x, **context) if code is None else code)
+        out = self.decode(self.encode(x, ctx) if code is None else code)
         if self.cfg.skip:
             out = out + self.normalized_input(x) @ self.W_skip.t() / self.out_scale
         return out
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, **context) -> CoderOutput:
-        """Encode `x`, reconstruct `target` (x itself for an SAE); losses in normalised units.
-        `context` carries what a family may use in training (e.g. `dead_mask`, `grad`)."""
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, ctx: SelectContext = NO_CONTEXT) -> CoderOutput:
+        """Encode `x`, reconstruct `target` (x itself for an SAE); losses in normalised units."""
         x_norm = self.normalized_input(x)
         target_norm = x_norm if target is None else target.to(self.W_dec.dtype) * self.out_scale
         # The FVU's denominator now, while the target is in cache: after the (tokens, n)
         # pre-activations it would be read from memory again.
         variance = total_variance(target_norm)
-        enc_in_bd = self.encoder_input(x_norm)
-        pre_bn = self.preacts(enc_in_bd, out=self.preacts_workspace(enc_in_bd))
-        indices_bk, pre_bk = self.select(pre_bn, **context)
-        values_bk = self.active_values(enc_in_bd, indices_bk, pre_bk)
-        x_hat_norm = kernels.decode(indices_bk, values_bk, self.W_dec, self.b_dec)
+        enc_in_bd, pre_bn, code, layout = self._code(x_norm, ctx)
+        x_hat_norm = kernels.decode(code.indices_bk, code.values_bk, self.W_dec, self.b_dec, layout=layout)
         if self.cfg.skip:
             x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()
         fvu = fraction_unexplained(target_norm, x_hat_norm, variance)
-        aux = self.aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm.detach(), **context)
-        return CoderOutput(x_hat_norm, self.out_scale, SparseCode(indices_bk, values_bk), fvu, aux)
+        aux = self.aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm.detach(), ctx)
+        return CoderOutput(x_hat_norm, self.out_scale, code, fvu, aux)
 
-    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, **context) -> torch.Tensor:
+    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx: SelectContext) -> torch.Tensor:
         return torch.zeros((), device=enc_in_bd.device)
 
     def decoder_head_fractions(self, n_heads: int) -> torch.Tensor:
@@ -211,7 +282,7 @@ class SparseCoder(nn.Module):
         coder of attn.hook_z, whose input concatenates the heads (Kissane et al. 2024 attribute a
         feature to the heads holding most of its decoder norm). Rows sum to 1."""
         if self.cfg.d_out % n_heads:
-            raise ValueError(f"the target width {self.cfg.d_out} does not split into {n_heads} heads")
+            raise BadInput(f"the target width {self.cfg.d_out} does not split into {n_heads} heads")
         with torch.no_grad():
             norms = self.W_dec.view(self.cfg.n_latents, n_heads, -1).norm(dim=-1)
             return norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
@@ -238,11 +309,10 @@ class SparseCoder(nn.Module):
         elif method == "geometric_median":
             self.b_dec.copy_(geometric_median(points))
         else:
-            raise ValueError(f"unknown decoder bias init {method!r}; use 'geometric_median' or 'mean'")
+            raise BadInput(f"unknown decoder bias init {method!r}; use 'geometric_median' or 'mean'")
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        # linalg's norm: 1.2 against 1.5 ms for Tensor.norm with the division (9216 x 576, CPU).
         self.W_dec /= torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
@@ -251,145 +321,18 @@ class SparseCoder(nn.Module):
         after every step, that component would only change their norm and be undone."""
         if self.W_dec.grad is None:
             return
-        # In blocks of rows that stay in cache between the product and the in-place subtraction:
-        # 2.9 ms against 4.5 for whole-matrix ops and 7.6 for linalg.vecdot (9216 x 576, CPU).
+        # In blocks of rows that stay in cache between the product and the in-place subtraction.
         for grad_rd, W_rd in zip(self.W_dec.grad.split(1024), self.W_dec.split(1024)):
             grad_rd.addcmul_((grad_rd * W_rd).sum(1, keepdim=True), W_rd, value=-1)
 
     # --- folder format ---------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        write_tensors(folder / "weights.safetensors", self.state_dict())
-        write_json(
-            folder / "cfg.json",
-            {"format_version": FORMAT_VERSION, "arch": self.arch, "config": asdict(self.cfg), "meta": self.meta},
-        )
-        return folder
+        return save_coder(self, folder)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "cpu") -> SparseCoder:
-        folder = Path(folder)
-        cfg_data = read_cfg(folder)
-        config = build_config(cls.config_class, cfg_data["config"], folder)
-        coder = cls(config)
-        coder.meta = cfg_data.get("meta", {})
-        coder.load_state_dict(read_weights(folder, coder.state_dict()))
-        return coder.to(device)
-
-
-def build_config(config_class: type[CoderConfig], values: dict, folder: Path) -> CoderConfig:
-    known = {f.name for f in fields(config_class)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{folder / 'cfg.json'}: unknown config fields {sorted(unknown)} for {config_class.__name__}")
-    try:
-        return config_class(**values)
-    except TypeError as err:
-        raise ValueError(f"{folder / 'cfg.json'}: bad config: {err}") from err
-
-
-def read_cfg(folder: Path) -> dict:
-    path = folder / "cfg.json"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; a saved coder is a folder holding cfg.json and weights.safetensors")
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} holds no cfg.json: it is not a saved sparse coder")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict) or "arch" not in data or "config" not in data:
-        raise ValueError(f"{path} lacks 'arch' or 'config': not a cfg.json written by interp")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version!r}; this interp reads version {FORMAT_VERSION}")
-    return data
-
-
-def read_weights(folder: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    path = folder / "weights.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} holds no weights.safetensors")
-    try:
-        weights = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is corrupt or not a safetensors file: {err}") from err
-    missing, extra = set(expected) - set(weights), set(weights) - set(expected)
-    if missing or extra:
-        raise ValueError(f"{path} does not match cfg.json: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for name, tensor in expected.items():
-        if weights[name].shape != tensor.shape:
-            raise ValueError(
-                f"{path}: {name} has shape {tuple(weights[name].shape)}, cfg.json implies {tuple(tensor.shape)}"
-            )
-    return weights
-
-
-class _ShiftedEncoderBias(torch.autograd.Function):
-    """b_enc forward; backward also gives b_dec the gradient it gets through the encoder input
-    x - b_dec of z = W_enc (x - b_dec) + b_enc, which is -(d b_enc) W_enc: one matrix-vector
-    product, where autograd through the subtraction would gather a (tokens, d) gradient of the
-    input and sum it (1.5 against 4.7 ms a step at 4096 tokens x 9216 latents x 576, CPU)."""
-
-    @staticmethod
-    def forward(ctx, b_enc_n, W_enc_nd, b_dec_d):
-        ctx.save_for_backward(W_enc_nd)
-        ctx.b_dec_dtype = b_dec_d.dtype
-        return b_enc_n.clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_n):
-        (W_enc_nd,) = ctx.saved_tensors
-        grad_b_dec = None
-        if ctx.needs_input_grad[2]:
-            grad_b_dec = -_weighted_row_sum(grad_n.to(W_enc_nd.dtype), W_enc_nd).to(ctx.b_dec_dtype)
-        return grad_n, None, grad_b_dec
-
-
-def _weighted_row_sum(weights_n: torch.Tensor, table_nd: torch.Tensor) -> torch.Tensor:
-    """weights @ table. The CPU's BLAS computes a vector-matrix product on one core; the kernels'
-    segment sum over 8 blocks of rows uses all of them, and the 8 partial sums are added (0.7
-    against 1.4 ms at 9216 x 576, 2 cores)."""
-    if table_nd.device.type != "cpu":
-        return weights_n @ table_nd
-    n, step = len(table_nd), -(-len(table_nd) // 8)
-    bounds = torch.arange(0, n + step, step).clamp(max=n)  # the last bound is the first >= n
-    return torch_ops.segment_sum(table_nd, torch.arange(n), weights_n, bounds).sum(0)
-
-
-class _SquaredError(torch.autograd.Function):
-    """sum ||x_hat - target||^2 as one dot product, and a backward of one pass: autograd through
-    (target - x_hat).pow(2).sum() writes the square and three more (tokens, d) tensors (6.1
-    against 3.7 ms for the whole FVU and its backward at 4096 x 576, CPU)."""
-
-    @staticmethod
-    def forward(ctx, x_hat, target):
-        diff = (x_hat - target).flatten()
-        ctx.save_for_backward(diff)
-        ctx.shape = x_hat.shape
-        return torch.dot(diff, diff)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (diff,) = ctx.saved_tensors
-        grad_x_hat = (diff * (2 * grad)).view(ctx.shape)
-        return grad_x_hat, -grad_x_hat if ctx.needs_input_grad[1] else None
-
-
-def total_variance(target: torch.Tensor) -> torch.Tensor:
-    """sum ||target - mean(target)||^2 over the batch: the FVU's denominator."""
-    centered = (target - target.mean(0)).flatten()
-    return torch.dot(centered, centered)
-
-
-def fraction_unexplained(target: torch.Tensor, x_hat: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
-    """FVU = sum ||target - x_hat||^2 / sum ||target - mean(target)||^2 over the batch; pass
-    `variance` when total_variance(target) is already known."""
-    variance = total_variance(target) if variance is None else variance
-    return _SquaredError.apply(x_hat, target) / variance.clamp_min(1e-12)
+        return load_coder(cls, folder, device)
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:

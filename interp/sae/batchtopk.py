@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.sae.allocation import batch_topk, padded_code, select_above, update_ema
+from interp.sae.base import SelectContext
 from interp.sae.topk import TopKConfig, TopKSAE
 
 
@@ -43,9 +44,9 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg)
         # Inference threshold on pre-activations, in normalised units.
         self.register_buffer("threshold", torch.zeros(()))
-        self.register_buffer("threshold_started", torch.zeros((), dtype=torch.bool))
+        self.register_training_buffer("threshold_started", torch.zeros((), dtype=torch.bool))
 
-    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
             return select_above(pre_bn, self.threshold)
         rows, cols, values = batch_topk(pre_bn, self.cfg.k * len(pre_bn))

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.sae.allocation import padded_code, select_above, update_ema
+from interp.sae.base import SelectContext
 from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 
 
@@ -73,11 +74,11 @@ class MutualChoiceSAE(BatchTopKSAE):
 
     def __init__(self, cfg: MutualChoiceConfig):
         super().__init__(cfg)
-        self.register_buffer("density", torch.zeros(cfg.n_latents))
-        self.register_buffer("density_started", torch.zeros((), dtype=torch.bool))
+        self.register_training_buffer("density", torch.zeros(cfg.n_latents))
+        self.register_training_buffer("density_started", torch.zeros((), dtype=torch.bool))
 
-    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
-        indices_bk, pre_bk = super().select(pre_bn, **context)
+    def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
+        indices_bk, pre_bk = super().select(pre_bn, ctx)
         if self.training:
             self.track_density(indices_bk)
         return indices_bk, pre_bk
@@ -88,7 +89,7 @@ class MutualChoiceSAE(BatchTopKSAE):
         fires = torch.bincount(indices_bk[indices_bk >= 0], minlength=self.cfg.n_latents)
         update_ema(self.density, fires.float() / len(indices_bk), self.cfg.density_rate, self.density_started)
 
-    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, **context) -> torch.Tensor:
+    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx: SelectContext) -> torch.Tensor:
         if not self.training:
             return torch.zeros((), device=enc_in_bd.device)
         return self.masked_aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm, self.underused())
@@ -114,7 +115,7 @@ class FeatureChoiceSAE(MutualChoiceSAE):
             self.threshold.device
         )
 
-    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
             return select_above(pre_bn, self.threshold)
         capacity_n = self.capacities(len(pre_bn))

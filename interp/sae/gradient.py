@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from interp.errors import BadInput
+from interp.sae.base import SelectContext
 from interp.sae.topk import TopKConfig, TopKSAE
 
 
@@ -45,12 +47,12 @@ class GradientSAE(TopKSAE):
     config_class = GradientConfig
     needs_grad = True
 
-    def select(self, pre_bn: torch.Tensor, grad: torch.Tensor | None = None, **context) -> tuple[torch.Tensor, torch.Tensor]:
-        if grad is None:
+    def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if ctx.grad is None:
             if self.training:
-                raise ValueError("a gradient SAE trains on gradients: pass grad= (an activation source with_grads)")
-            return super().select(pre_bn)
-        indices_bk = self.scores(pre_bn, grad).topk(self.cfg.k, dim=1, sorted=False).indices
+                raise BadInput("a gradient SAE trains on gradients: pass SelectContext(grad=...) (an activation source with_grads)")
+            return super().select(pre_bn, ctx)
+        indices_bk = self.scores(pre_bn, ctx.grad).topk(self.cfg.k, dim=1, sorted=False).indices
         return indices_bk, pre_bn.gather(1, indices_bk)
 
     @torch.no_grad()

@@ -5,7 +5,7 @@
     x_hat = W_dec f + b_dec
     L     = ||x - x_hat||^2 / ||x - mean x||^2  +  aux_coef * L_aux
 
-AuxK: dead latents (no activation in the trainer's window, passed as `dead_mask`) are given a
+AuxK: dead latents (no activation in the trainer's window, passed as `SelectContext.dead_mask`) are given a
 chance to explain what the live ones miss: with e = x - x_hat, take the top-k_aux pre-activations
 among dead latents only, decode them without bias into e_hat and add
 L_aux = ||e - e_hat||^2 / ||e - mean e||^2. Gao et al. use k_aux = d/2 and aux_coef = 1/32.
@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from interp import kernels
-from interp.sae.base import CoderConfig, SparseCoder, fraction_unexplained
+from interp.errors import BadInput
+from interp.sae.base import CoderConfig, SelectContext, SparseCoder
+from interp.sae.losses import fraction_unexplained
 
 
 @dataclass
@@ -33,21 +35,21 @@ class TopKConfig(CoderConfig):
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k must be between 1 and the number of latents ({self.n_latents}), got {self.k}")
+            raise BadInput(f"k must be between 1 and the number of latents ({self.n_latents}), got {self.k}")
 
 
 class TopKSAE(SparseCoder):
     arch = "topk"
     config_class = TopKConfig
 
-    def select(self, pre_bn: torch.Tensor, **context) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         top = pre_bn.topk(self.cfg.k, dim=1, sorted=False)
         return top.indices, top.values
 
-    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, dead_mask=None, **context) -> torch.Tensor:
-        if dead_mask is None or not self.training:
+    def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx: SelectContext) -> torch.Tensor:
+        if ctx.dead_mask is None or not self.training:
             return torch.zeros((), device=enc_in_bd.device)
-        return self.masked_aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm, dead_mask)
+        return self.masked_aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx.dead_mask)
 
     def masked_aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, mask_n: torch.Tensor) -> torch.Tensor:
         """AuxK restricted to the latents in `mask_n`: the top-k_aux of them reconstruct the
@@ -58,6 +60,7 @@ class TopKSAE(SparseCoder):
         k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, n_masked)
         masked_pre = pre_bn.masked_fill(~mask_n, float("-inf"))
         top = masked_pre.topk(k_aux, dim=1, sorted=False)
-        values_bk = self.active_values(enc_in_bd, top.indices, top.values)
-        residual_hat = kernels.decode(top.indices, values_bk, self.W_dec)
+        layout = kernels.latent_layout(top.indices, self.cfg.n_latents)
+        values_bk = self.active_values(enc_in_bd, top.indices, top.values, layout)
+        residual_hat = kernels.decode(top.indices, values_bk, self.W_dec, layout=layout)
         return self.cfg.aux_coef * fraction_unexplained(target_norm - x_hat_norm, residual_hat)
