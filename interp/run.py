@@ -124,7 +124,7 @@ def default_run_folder(cfg: RunConfig) -> Path:
     """runs/<model>-<hook>-<arch>-k<k> (k as given, else the architecture's default)."""
     declared = coder_class(cfg.arch).config_class.__dataclass_fields__
     k = cfg.coder_options.get("k", declared["k"].default if "k" in declared else None)
-    return Path("runs") / f"{Path(cfg.model).name}-{cfg.hook}-{cfg.arch}" + (f"-k{k}" if k is not None else "")
+    return Path("runs") / (f"{Path(cfg.model).name}-{cfg.hook}-{cfg.arch}" + (f"-k{k}" if k is not None else ""))
 
 
 def hook_widths(model, hooks: list[str]) -> dict[str, int]:

@@ -1,12 +1,14 @@
 """Every registered architecture: shapes, sparsity exactly as each paper defines it, batch-free
 inference, save/load, where gradients flow; transcoders and attention-output coders on a tiny model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from interp.data import DataConfig
 from interp.metrics import splice_metrics
-from interp.run import RunConfig, heldout_token_batches, target_hook, train_run
+from interp.run import RunConfig, default_run_folder, heldout_token_batches, target_hook, train_run
 from interp.sae import REGISTRY, SelectContext, create_coder, load_sae
 from interp.sae.allocation import batch_topk
 from interp.sae.choice import underused_by_zipf, zipf_capacities
@@ -250,6 +252,11 @@ def test_transcode_target_defaults_to_the_mlp_output():
         target_hook(RunConfig(hook=HOOK, transcode=True))
     with pytest.raises(ValueError, match="needs --transcode"):
         target_hook(RunConfig(hook=HOOK, skip=True))
+
+
+def test_the_default_run_folder_names_model_hook_arch_and_k():
+    assert default_run_folder(RunConfig()) == Path("runs/smollm2-135m-blocks.6.hook_resid_post-topk-k32")
+    assert default_run_folder(RunConfig(arch="gradient", coder_options={"k": 8})).name.endswith("-gradient-k8")
 
 
 def test_transcoder_splice_replaces_the_mlp_output(tiny_model):
