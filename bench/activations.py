@@ -3,7 +3,7 @@
     python bench/activations.py [--model smollm2-135m] [--hook blocks.6.hook_resid_post] [--batches 8]
 
 Prints the model's (cached) load time, then tokens/s of: the bare forward stopped after the hooked
-block, our ModelChunks (hooks + BOS removal + flattening), and writing an on-disk store; the last
+block, our capture (hooks + BOS removal + flattening), and writing an on-disk store; the last
 line gives their ratios.
 """
 
@@ -18,6 +18,7 @@ import torch
 from interp.activation_store import StoreManifest, write_store
 from interp.activations import ModelChunks
 from interp.data import iter_texts, iter_token_batches
+from interp.hooks import capture
 from interp.models import load_model, stop_layer
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     source = ModelChunks(model, lambda: iter(batches), [args.hook])
     start = time.perf_counter()
     for batch in batches:
-        source.run(batch)
+        capture(model, batch.tokens_bt, [args.hook], batch.mask_bt)
     ours = all_tokens / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory() as folder:

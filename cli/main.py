@@ -4,6 +4,7 @@ print as one line with exit code 2; anything else is a bug and shows its traceba
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -38,7 +39,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except InterpError as err:
-            typer.secho(f"error: {err}", fg="red", err=True)
+            typer.secho("error: " + "; ".join(str(err).splitlines()), fg="red", err=True)
             raise typer.Exit(code=2) from err
 
     return wrapper
@@ -89,7 +90,7 @@ def cache(given: Given, out: Annotated[Path, typer.Option(help="Folder of the ac
 
 @app.command("eval")
 @user_errors
-@takes(config_options(EvalConfig), config_options(DataConfig), DEVICE)
+@takes(config_options(EvalConfig, default_note="the run's"), config_options(DataConfig, default_note="the run's"), DEVICE)
 def evaluate(given: Given, run_dir: RunDir):
     """Evaluate a saved coder: FVU, L0, dead/dense fractions, spliced loss, loss recovered, KL.
     Text options change the coder's training data (its held-out split is what is evaluated)."""
@@ -97,7 +98,8 @@ def evaluate(given: Given, run_dir: RunDir):
     from interp.sae import load_sae
 
     trained = saved_run_config(load_sae(run_dir))
-    data, evaluation = given.apply(trained.data), given.apply(EvalConfig(trained.eval_tokens, trained.splice_tokens))
+    evaluation = EvalConfig(**{f.name: getattr(trained, f.name) for f in dataclasses.fields(EvalConfig)})
+    data, evaluation = given.apply(trained.data), given.apply(evaluation)
     metrics = evaluate_saved(run_dir, data, evaluation, given.apply(ModelConfig(trained.model)).device)
     typer.echo(f"evaluation of {run_dir} (also in {run_dir / EVAL_FILE}):")
     _print_metrics(metrics)
@@ -146,7 +148,7 @@ def compare_archs(
 
 @app.command()
 @user_errors
-@takes(config_options(FeatureConfig), DEVICE)
+@takes(config_options(FeatureConfig, exclude=["data"]), config_options(DataConfig, path=("data",), default_note="the coder's training data"), DEVICE)
 def features(
     given: Given,
     run_dir: RunDir,

@@ -77,8 +77,11 @@ def _cli_type(hint: Any) -> Any:
     return hint
 
 
-def config_options(cls: type, only: Sequence[str] | None = None, exclude: Sequence[str] = (), path: tuple[str, ...] = ()) -> list[Option]:
-    """One option per leaf field of `cls` (nested dataclasses flattened), except dict fields."""
+def config_options(cls: type, only: Sequence[str] | None = None, exclude: Sequence[str] = (), path: tuple[str, ...] = (),
+                   base: Any = None, default_note: str | None = None) -> list[Option]:
+    """One option per leaf field of `cls` (nested dataclasses flattened), except dict fields.
+    Defaults shown are `base`'s values (the fields' defaults, a nested field's default instance
+    for its own fields), or `default_note` where the command starts from something else."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     out = []
@@ -86,14 +89,16 @@ def config_options(cls: type, only: Sequence[str] | None = None, exclude: Sequen
         if (only is not None and f.name not in only) or f.name in exclude:
             continue
         hint = hints[f.name]
+        default = getattr(base, f.name) if base is not None else _default(f)
         if dataclasses.is_dataclass(hint):
-            out.extend(config_options(hint, exclude=exclude, path=(*path, f.name)))
+            out.extend(config_options(hint, exclude=exclude, path=(*path, f.name), base=default, default_note=default_note))
             continue
         if typing.get_origin(hint) is dict or hint is dict:
             continue
         parse = f.metadata.get("parse")
         flag = f.metadata.get("flag", f.name).replace("_", "-")
-        out.append(Option((*path, f.name), flag, str if parse else _cli_type(hint), docs.get(f.name, ""), _default(f), parse))
+        shown = default_note if default_note is not None else default
+        out.append(Option((*path, f.name), flag, str if parse else _cli_type(hint), docs.get(f.name, ""), shown, parse))
     return out
 
 
@@ -117,14 +122,12 @@ def coder_options(exclude: Sequence[str] = (), path: tuple[str, ...] = ()) -> li
 class Given:
     """The options a user gave, by path."""
 
-    def __init__(self, values: dict[tuple[str, ...], Any]):
-        self.values = values
-
-    def __contains__(self, path: tuple[str, ...]) -> bool:
-        return path in self.values
+    def __init__(self, values: dict[tuple[str, ...], Any], flags: dict[tuple[str, ...], str]):
+        self.values, self.flags = values, flags
 
     def names(self) -> list[str]:
-        return ["--" + path[-1].replace("_", "-") for path in self.values]
+        """The flags given, as the user typed them."""
+        return ["--" + self.flags[path] for path in self.values]
 
     def apply(self, config):
         """A copy of `config` with the given values in place (validated by its constructor)."""
@@ -181,7 +184,7 @@ def takes(*groups: list[Option]):
                 value = kwargs.pop(_python_name(option))
                 if value is not None and value != []:
                     values[option.path] = option.parse(value) if option.parse else value
-            return fn(Given(values), **kwargs)
+            return fn(Given(values, {o.path: o.flag for o in options}), **kwargs)
 
         command.__signature__ = inspect.Signature([*own, *map(_parameter, options)])
         del command.__wrapped__

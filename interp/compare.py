@@ -128,7 +128,7 @@ def _train(base: RunConfig, arch: str, k: int, seed: int, run_dir: Path, bound: 
 def evaluate_together(base: RunConfig, run_dirs: list[Path], progress: bool) -> None:
     """Held-out metrics of several coders of one hook: the model, the held-out activations and
     the clean and zero-ablated passes are computed once for all of them."""
-    coders = [load_sae(folder) for folder in run_dirs]
+    coders = [load_sae(folder, device=base.device) for folder in run_dirs]
     model = base.load()
     heldout = heldout_activations(model, base.data, coder_hooks(coders[0]), base.eval_tokens)
     spliced = splice_metrics_many(model, coders, heldout_token_batches(model, base.data, base.splice_tokens), progress)

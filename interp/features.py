@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from interp.atomic import write_json, write_tensors
 from interp.data import DataConfig
-from interp.errors import BadInput, NotFound
+from interp.errors import BadInput, NotFound, check_positive
 from interp.hooks import capture, check_coder_fits, output_hook
 from interp.run import coder_model
 from interp.sae.base import SparseCoder, check_latent
@@ -56,6 +56,12 @@ class FeatureConfig:
     seed: int = 0
     """Seed of the random sample of firings."""
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        for name in ("tokens", "top_k", "samples", "logit_tokens"):
+            check_positive(name, getattr(self, name))
+        for name in ("left", "right"):
+            check_positive(name, getattr(self, name), zero_ok=True)
 
     @property
     def window(self) -> int:
@@ -181,8 +187,9 @@ def load_features(run_dir: str | Path) -> FeatureResults:
         raise NotFound(f"{run_dir} holds no feature results; run `interp features {run_dir}` first")
     meta = json.loads((folder / "features.json").read_text())
     cfg_data = meta["config"]
-    cfg_data.pop("model_batch", None)  # results saved before it moved into DataConfig
-    cfg = FeatureConfig(**{**cfg_data, "data": DataConfig(**cfg_data["data"])})
+    # Results saved before model_batch moved into DataConfig kept it here.
+    data = {**cfg_data["data"], **({"model_batch": cfg_data.pop("model_batch")} if "model_batch" in cfg_data else {})}
+    cfg = FeatureConfig(**{**cfg_data, "data": DataConfig(**data)})
     return FeatureResults(cfg, meta["coder"], meta["n_tokens"], meta["vocab"], load_file(folder / "features.safetensors"))
 
 

@@ -11,6 +11,10 @@ release can break it silently (transformers 5.24 renamed the cache argument that
 garbage). Hooks that someone else put on the model also turn the cache off: they expect to see
 whole sequences, as in any forward pass.
 
+"Exactly" is up to floating-point rounding: cached and batched passes multiply matrices of other
+shapes, so logits that tie to within rounding could break differently (the check's tolerance is
+that rounding); the tests find every token the same.
+
 Samples of one prompt run as one batch (the rows need no padding), each with its own generator
 seeded by its seed, so sample i is the same whether it is drawn alone or with others.
 

@@ -13,14 +13,14 @@ term are tensors of the forward pass). With `expose=True` and gradients enabled,
 (`code.values_bk`) and the error of every coder receive gradients: the error enters as a leaf
 (its value fixed, as Marks et al. treat error nodes), the features stay connected to what the
 coder read, so a gradient reaches an upstream coder's features through a downstream coder's.
-Coders edit only where `where` allows and only tokens they cover (`max_input_norm`); elsewhere
-the activation passes unchanged. All coders are in at once: a coder reading a hook that another
+Coders edit only where `where` allows (by default every position but 0, the BOS token no coder
+trains on) and only tokens they cover (`max_input_norm`); elsewhere the activation passes
+unchanged. All coders are in at once: a coder reading a hook that another
 coder writes reads the other's output.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.errors import BadInput
-from interp.models import check_hooks, hook_shapes, stop_layer
+from interp.models import check_hooks, hook_widths, stop_layer
 from interp.sae.base import SparseCode, SparseCoder
 
 Activations = dict[str, torch.Tensor]
@@ -76,11 +76,11 @@ def check_coder_fits(model, coder: SparseCoder) -> None:
         check_hooks(model, coder_hooks(coder))
     except BadInput as err:
         raise BadInput(f"the coder was trained on {coder.cfg.model or 'another model'}: {err}") from None
-    shapes = hook_shapes(model)
+    widths = hook_widths(model, coder_hooks(coder))
     for hook, width in ((coder.cfg.hook, coder.cfg.d_in), (output_hook(coder), coder.cfg.d_out)):
-        if math.prod(shapes[hook]) != width:
+        if widths[hook] != width:
             raise BadInput(
-                f"the coder expects width {width} at {hook}, but this model's {hook} has shape {shapes[hook]}; "
+                f"the coder expects width {width} at {hook}, but this model's {hook} has width {widths[hook]}; "
                 f"was the coder trained on this model ({coder.cfg.model or 'unknown'})?"
             )
 
@@ -147,7 +147,10 @@ def _check_widths(coder: SparseCoder, d_in: int, d_out: int) -> None:
 
 def _mask(where: Where | torch.Tensor | None, b: int, s: int, device) -> torch.Tensor:
     if where is None:
-        return torch.ones(b, s, dtype=torch.bool, device=device)
+        # Position 0 is BOS: an attention sink no coder trains on.
+        mask = torch.ones(b, s, dtype=torch.bool, device=device)
+        mask[:, 0] = False
+        return mask
     mask = where(b, s, device) if callable(where) else where.to(device)
     return mask.expand(b, s) if mask.dim() == 1 else mask
 
@@ -215,7 +218,7 @@ def splice(
                 out_td = out_td + error_td
             record.mask_bt, record.code, record.error_td = mask_bt, code, error_td
             flat = y_bsf.clone()
-            flat[mask_bt] = out_td.to(flat.dtype)
+            flat[mask_bt] = out_td.to(flat)
             return flat.reshape(act.shape)
 
         writes.append((write_name, write))

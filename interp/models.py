@@ -16,13 +16,13 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -255,10 +255,6 @@ def _load_hub(name: str):
     return hf_model, tokenizer
 
 
-def hook_names(model: TransformerBridge) -> list[str]:
-    return sorted(model.hook_dict)
-
-
 def check_hooks(model: TransformerBridge, hooks: list[str]) -> None:
     """Raise a ValueError naming each unknown hook and the closest real ones."""
     known = set(model.hook_dict)
@@ -314,3 +310,10 @@ def hook_shapes(model: TransformerBridge) -> dict[str, tuple[int, ...]]:
         for name, point in sorted(model.hook_dict.items())
         if id(point) in shape_by_point
     }
+
+
+def hook_widths(model: TransformerBridge, hooks: list[str]) -> dict[str, int]:
+    """Per-token width of each hook (heads of hook_z concatenated), from one short forward pass."""
+    check_hooks(model, hooks)
+    shapes = hook_shapes(model)
+    return {hook: math.prod(shapes[hook]) for hook in hooks}

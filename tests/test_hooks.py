@@ -157,3 +157,22 @@ def test_model_units_reproduce_the_coder(arch, kind):
             x_hat = x_hat + x @ units.W_skip.T
         torch.testing.assert_close(x_hat, coder.reconstruct(x), atol=1e-4, rtol=1e-4)
     assert coder_hooks(coder) == (["h"] if target is None else ["h", "t"])
+
+
+def test_splice_leaves_bos_alone_by_default(tiny_model):
+    coders = several(tiny_model)[:1]
+    tokens = tokens_of(tiny_model)
+    seen = {}
+
+    def record(act, hook):
+        seen["act"] = act.detach().clone()
+        return act
+
+    name = tiny_model.hook_dict["blocks.0.hook_resid_post"].name
+    with torch.no_grad():
+        tiny_model.run_with_hooks(tokens, fwd_hooks=[(name, record)])
+        clean = seen["act"]
+        with splice(tiny_model, coders) as (spliced,):
+            tiny_model.run_with_hooks(tokens, fwd_hooks=[(name, record)])
+    assert torch.equal(seen["act"][:, 0], clean[:, 0]) and not torch.equal(seen["act"][:, 1:], clean[:, 1:])
+    assert not spliced.mask_bt[:, 0].any() and spliced.mask_bt[:, 1:].all()

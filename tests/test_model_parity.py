@@ -2,7 +2,7 @@
 (a separate copy with the same weights, which the bridge never touched, read by plain torch
 hooks). A transformers or TransformerLens release that changes any of these fails here: the
 logits, every hook point interp reads or writes, editing an activation in place, the gradient
-of the loss at a hook, stopping early, and greedy decoding (test_generation.py has the rest)."""
+of the loss at a hook, and stopping early (test_generation.py checks decoding against it)."""
 
 import copy
 

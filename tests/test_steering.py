@@ -223,3 +223,13 @@ def test_ablation_through_the_sae_on_smollm2(smollm2, smollm2_coder):
     expected = clean - values[feature][..., None] * feature_direction(coder, feature)
     torch.testing.assert_close(edited, expected, atol=1e-4, rtol=1e-5)
     assert not torch.allclose(edited_logits, clean_logits)
+
+
+def test_one_edit_per_feature_and_kind():
+    coder = tiny_coder()
+    from interp.steering import FeatureEdit, check_interventions
+
+    with pytest.raises(ValueError, match="edited twice"):
+        check_interventions(None, [clamp(coder, 3, 1.0), scale(coder, 3, 2.0)])
+    with pytest.raises(ValueError, match="exactly one of scale and clamp"):
+        FeatureEdit(coder, 3)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from interp.activations import ShuffleBuffer
 from interp.sae import SelectContext, create_coder, load_sae
@@ -35,9 +36,9 @@ class SyntheticChunks:
             index += 1
 
 
-def make_trainer(run_dir, steps=12, **overrides):
+def make_trainer(run_dir, steps=12, arch="topk", **overrides):
     torch.manual_seed(0)
-    coder = create_coder("topk", d_in=16, n_latents=64, k=4, hook=HOOK, model="tiny-llama")
+    coder = create_coder(arch, d_in=16, n_latents=64, k=4, hook=HOOK, model="tiny-llama")
     cfg = TrainConfig(tokens=steps * 32, batch_size=32, lr=3e-3, warmup_steps=3, checkpoint_every=5,
                       log_every=1, eval_every=0, dead_tokens=64, **overrides)
     buffer = ShuffleBuffer(SyntheticChunks(), buffer_tokens=128, batch_tokens=32, seed=1)
@@ -55,11 +56,14 @@ def test_training_lowers_the_loss_and_writes_a_run(tmp_path):
     torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(64))
 
 
-def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
-    reference = make_trainer(tmp_path / "full")
+# The batch-level coders also carry training-only state (moving averages' start, densities),
+# which the checkpoint and not the saved coder keeps.
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "mutual_choice", "feature_choice"])
+def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, arch):
+    reference = make_trainer(tmp_path / "full", arch=arch)
     reference.run()
 
-    killed = make_trainer(tmp_path / "killed")
+    killed = make_trainer(tmp_path / "killed", arch=arch)
     original_step = Trainer.train_step
 
     def dies_at_step_8(self, batch):
@@ -72,11 +76,13 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
         killed.run()
     monkeypatch.setattr(Trainer, "train_step", original_step)
 
-    resumed = make_trainer(tmp_path / "killed")
+    resumed = make_trainer(tmp_path / "killed", arch=arch)
     resumed.run(resume=True)
     assert resumed.step == 12
     for name, tensor in reference.coder.state_dict().items():
         assert torch.equal(tensor, resumed.coder.state_dict()[name]), name
+    for name, tensor in reference.coder.training_state().items():
+        assert torch.equal(tensor, resumed.coder.training_state()[name]), name
     assert torch.equal(reference.tokens_since_fired, resumed.tokens_since_fired)
     full_log = (tmp_path / "full" / METRICS).read_text().splitlines()
     resumed_log = (tmp_path / "killed" / METRICS).read_text().splitlines()
@@ -194,3 +200,34 @@ def test_a_step_resets_exactly_the_latents_that_fired(tmp_path):
     stats = trainer.train_step(batch)
     assert torch.equal(trainer.tokens_since_fired, torch.where(fired, 0, 100 + len(batch[HOOK])))
     assert stats["l0"] == pytest.approx((code.values_bk > 0).sum().item() / len(batch[HOOK]))
+
+
+def test_a_checkpoint_from_before_format_2_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before training-only buffers and the norm bound moved kept both among
+    the coder's tensors and in the metadata: such a checkpoint resumes to the same final state."""
+    reference = make_trainer(tmp_path / "full", arch="mutual_choice", max_norm_ratio=3.0)
+    reference.run()
+    killed = make_trainer(tmp_path / "old", arch="mutual_choice", max_norm_ratio=3.0)
+    original_step = Trainer.train_step
+
+    def dies_at_step_6(self, batch):
+        if self.step == 6:
+            raise KeyboardInterrupt("killed")
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    # Rewrite the checkpoint in the old layout.
+    path = tmp_path / "old" / CHECKPOINT
+    tensors = load_file(path)
+    with open(path, "rb") as f:
+        meta = json.loads(json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]["state"])
+    bound = float(tensors.pop("coder.input_bound"))
+    old = {(f"coder.{k[len('training.'):]}" if k.startswith("training.") else k): v for k, v in tensors.items()}
+    save_file(old, path, metadata={"state": json.dumps({**meta, "max_input_norm": bound})})
+    resumed = make_trainer(tmp_path / "old", arch="mutual_choice", max_norm_ratio=3.0)
+    resumed.run(resume=True)
+    for name, tensor in reference.coder.state_dict().items():
+        assert torch.equal(tensor, resumed.coder.state_dict()[name]), name

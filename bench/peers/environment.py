@@ -22,7 +22,6 @@ BENCH = Path(__file__).resolve().parents[1]
 PEERS = {"sparsify": "eai-sparsify", "saelens": "sae-lens"}
 LOCAL_WHEELS = Path("/opt/wheels")
 MODULES = {"sparsify": "sparsify", "saelens": "sae_lens"}
-LOCAL_WHEELS = Path("/opt/wheels")
 READY = ".ready"  # written last into a peer environment; only a folder holding it is used
 # pip's per-request timeout and retries, so that an index that does not answer costs at most
 # (retries + 1) x timeout per URL, and pip is stopped once it meets that on a second URL (see
