@@ -96,6 +96,8 @@ def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[Toke
         coder.eval()
     for batch in tqdm(list(batches), desc="splice eval", disable=not progress, leave=False):
         tokens = batch.tokens_bt.to(model.cfg.device)
+        # The clean pass also reads the coders' input (for their domain mask), and the zero pass
+        # ablates the written hook: neither puts a coder in, so they are plain hooks, not a splice.
         seen: dict[str, torch.Tensor] = {}
 
         def read(act, hook):
