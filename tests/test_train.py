@@ -45,6 +45,21 @@ def make_trainer(run_dir, steps=12, arch="topk", **overrides):
     return Trainer(coder, buffer, cfg, run_dir)
 
 
+def kill_at(trainer, step, monkeypatch):
+    """Run `trainer` until it is killed as it starts step `step` (its checkpoints stay)."""
+    original_step = Trainer.train_step
+
+    def dies(self, batch):
+        if self.step == step:
+            raise KeyboardInterrupt("killed")
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+
+
 def test_training_lowers_the_loss_and_writes_a_run(tmp_path):
     trainer = make_trainer(tmp_path, steps=60)
     trainer.run()
@@ -63,18 +78,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, arch)
     reference = make_trainer(tmp_path / "full", arch=arch)
     reference.run()
 
-    killed = make_trainer(tmp_path / "killed", arch=arch)
-    original_step = Trainer.train_step
-
-    def dies_at_step_8(self, batch):
-        if self.step == 8:
-            raise KeyboardInterrupt("killed")
-        return original_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        killed.run()
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    kill_at(make_trainer(tmp_path / "killed", arch=arch), 8, monkeypatch)
 
     resumed = make_trainer(tmp_path / "killed", arch=arch)
     resumed.run(resume=True)
@@ -207,18 +211,7 @@ def test_a_checkpoint_from_before_format_2_resumes(tmp_path, monkeypatch):
     the coder's tensors and in the metadata: such a checkpoint resumes to the same final state."""
     reference = make_trainer(tmp_path / "full", arch="mutual_choice", max_norm_ratio=3.0)
     reference.run()
-    killed = make_trainer(tmp_path / "old", arch="mutual_choice", max_norm_ratio=3.0)
-    original_step = Trainer.train_step
-
-    def dies_at_step_6(self, batch):
-        if self.step == 6:
-            raise KeyboardInterrupt("killed")
-        return original_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        killed.run()
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    kill_at(make_trainer(tmp_path / "old", arch="mutual_choice", max_norm_ratio=3.0), 6, monkeypatch)
     # Rewrite the checkpoint in the old layout.
     path = tmp_path / "old" / CHECKPOINT
     tensors = load_file(path)
