@@ -214,3 +214,49 @@ def steer(given: Given, run_dir: RunDir):
         for line in _side_by_side(base, steered, width):
             typer.echo(line)
 
+
+
+Format = Annotated[str, typer.Option("--to", help="Format to write: interp, saelens or sparsify.")]
+Out = Annotated[Path, typer.Argument(help="Output folder (for sparsify, a run folder: the coder goes in OUT/<hookpoint>).")]
+
+
+@app.command()
+@user_errors
+def export(run_dir: RunDir, out: Out, to: Format):
+    """Write an interp coder as an SAE Lens or sparsify folder that the peer computes the same features
+    and reconstruction from (scales folded in, unit decoder rows)."""
+    from interp.interop import convert, detect_format
+
+    if detect_format(run_dir) != "interp":
+        raise BadInput(f"{run_dir} is not an interp folder (`interp convert` reads SAE Lens and sparsify folders)")
+    typer.echo(f"wrote {convert(run_dir, to, out)}")
+
+
+@app.command()
+@user_errors
+def convert(
+    src: Annotated[Path, typer.Argument(help="An interp, SAE Lens or sparsify coder folder (or a sparsify run folder with --hookpoint).")],
+    out: Out,
+    to: Format,
+    hookpoint: Annotated[Optional[str], typer.Option(help="The hookpoint of a sparsify run folder to read (layers.6, layers.6.mlp).")] = None,
+):
+    """Convert a coder folder between the interp, SAE Lens and sparsify formats."""
+    from interp.interop import convert as convert_folder
+
+    typer.echo(f"wrote {convert_folder(src, to, out, hookpoint=hookpoint)}")
+
+
+@app.command("import-dictionary-learning")
+@user_errors
+def import_dictionary_learning(
+    src: Annotated[Path, typer.Argument(help="A dictionary_learning folder: ae.pt (a pickle, read with torch's weights-only loader) and config.json.")],
+    out: Out,
+    to: Format = "interp",
+    hook: Annotated[Optional[str], typer.Option(help="The TransformerLens hook it reads (default: from its submodule_name).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="The model it was trained on (default: its config's lm_name).")] = None,
+):
+    """Import a dictionary_learning dictionary. Its ae.pt is a pickle: only this command opens one,
+    with torch's weights-only loader, which refuses anything but tensors and plain containers."""
+    from interp.interop import import_dictionary_learning as import_folder
+
+    typer.echo(f"wrote {import_folder(src, to, out, hook=hook, model=model)}")

@@ -37,6 +37,7 @@ from interp.errors import (
     check_positive,
 )
 from interp.hooks import grad_key, output_hook
+from interp.sae import REGISTRY
 from interp.sae.base import SelectContext, SparseCoder
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -128,6 +129,11 @@ class Trainer:
         run_dir: str | Path,
         evaluate: Callable[[SparseCoder], dict] | None = None,
     ):
+        if not coder.trainable:
+            raise BadInput(
+                f"interp does not train {coder.arch} coders (it reads them from other libraries); "
+                "train one of: " + ", ".join(a for a, c in REGISTRY.items() if c.trainable)
+            )
         self.coder = coder
         self.buffer = buffer
         self.cfg = cfg

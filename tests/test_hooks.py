@@ -18,7 +18,8 @@ def fitted(arch="topk", hook="blocks.0.hook_resid_post", target=None, d_in=D, d_
     model's own activations, or random ones for a coder never spliced), trained for one step so
     batch-level coders have thresholds, in eval mode."""
     torch.manual_seed(seed)
-    coder = create_coder(arch, d_in=d_in, n_latents=96, k=6, hook=hook, target_hook=target, d_out=d_out, skip=skip)
+    sized = {"k": 6} if arch != "jumprelu" else {}
+    coder = create_coder(arch, d_in=d_in, n_latents=96, hook=hook, target_hook=target, d_out=d_out, skip=skip, **sized)
     x = data[hook] if data else torch.randn(256, d_in)
     y = (data[target] if data else torch.randn(256, d_out or d_in)) if target else None
     with torch.no_grad():
@@ -26,6 +27,8 @@ def fitted(arch="topk", hook="blocks.0.hook_resid_post", target=None, d_in=D, d_
         coder.init_decoder_bias(x if y is None else y)
         if skip:
             coder.W_skip.normal_(0, 0.1)
+        if arch == "jumprelu":
+            coder.threshold.uniform_(0.0, 1.0)
         ctx = SelectContext(grad=torch.randn(len(x), d_out or d_in)) if coder.needs_grad else SelectContext()
         coder(x, y, ctx)
     return coder.eval()

@@ -1,7 +1,8 @@
-"""The peers' own virtual environments under bench/.peers/, for bench/train_step.py: created on
-first use with the running torch version, from PyPI and /opt/wheels only, atomically (a build
+"""The peers' own virtual environments under bench/.peers/, for bench/train_step.py and the
+interop proofs (tests/test_interop_peers.py): created on first use with the running torch version, from PyPI and /opt/wheels only, atomically (a build
 that is interrupted leaves nothing the next run mistakes for a ready environment), with progress
-on stderr. Imported by the benchmark, not by the runners that execute inside those environments.
+on stderr. Imported by the benchmark and the tests, not by the runners that execute inside those
+environments; `python bench/peers/environment.py sparsify saelens` builds them ahead (CI does).
 """
 
 from __future__ import annotations
@@ -235,3 +236,10 @@ def peer_python(name: str) -> Path:
     return python
 
 
+
+
+if __name__ == "__main__":
+    for peer in sys.argv[1:] or list(PEERS):
+        if peer not in PEERS:
+            sys.exit(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
+        say(f"{peer}: {peer_python(peer)}")

@@ -23,10 +23,11 @@ from interp.sae.choice import (
 )
 from interp.sae.folder import read_cfg
 from interp.sae.gradient import GradientConfig, GradientSAE
+from interp.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from interp.sae.topk import TopKConfig, TopKSAE
 
 REGISTRY: dict[str, type[SparseCoder]] = {
-    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, MutualChoiceSAE, FeatureChoiceSAE, GradientSAE)
+    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, MutualChoiceSAE, FeatureChoiceSAE, GradientSAE, JumpReLUSAE)
 }
 
 
@@ -45,14 +46,21 @@ def create_coder(arch: str, **config) -> SparseCoder:
     return cls(cls.config_class(**config))
 
 
-def load_sae(folder: str | Path, device: str = "cpu") -> SparseCoder:
-    """Load a coder saved by `SparseCoder.save` (cfg.json + weights.safetensors)."""
-    arch = read_cfg(Path(folder))["arch"]
+def load_sae(folder: str | Path, device: str = "cpu", hookpoint: str | None = None) -> SparseCoder:
+    """Load a coder: an interp folder (`SparseCoder.save`), or an SAE Lens or sparsify folder
+    (`hookpoint` names one of a sparsify run's), read by interp.interop."""
+    # imported here: interp.interop builds its coders with this package
+    from interp.interop import is_foreign, load_foreign
+
+    folder = Path(folder)
+    if hookpoint is not None or is_foreign(folder):
+        return load_foreign(folder, hookpoint, device)
+    arch = read_cfg(folder)["arch"]
     return coder_class(arch).from_folder(folder, device=device)
 
 
 __all__ = [
     "REGISTRY", "BatchTopKConfig", "BatchTopKSAE", "CoderConfig", "CoderOutput", "FeatureChoiceConfig",
-    "FeatureChoiceSAE", "GradientConfig", "GradientSAE", "ModelUnits", "MutualChoiceConfig", "MutualChoiceSAE",
+    "FeatureChoiceSAE", "GradientConfig", "GradientSAE", "JumpReLUConfig", "JumpReLUSAE", "ModelUnits", "MutualChoiceConfig", "MutualChoiceSAE",
     "SelectContext", "SparseCode", "SparseCoder", "TopKConfig", "TopKSAE", "coder_class", "create_coder", "load_sae",
 ]

@@ -126,6 +126,8 @@ class SparseCoder(nn.Module):
     config_class: ClassVar[type[CoderConfig]] = CoderConfig
     needs_grad: ClassVar[bool] = False
     """Whether training selects latents with the loss gradient (`SelectContext.grad`)."""
+    trainable: ClassVar[bool] = True
+    """Whether interp's trainer can train the family (some are only read from other libraries)."""
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()
