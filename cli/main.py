@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from interp.cli.options import Given, coder_options, config_options, field_docs, takes
 
+from interp.circuits.circuit import CircuitConfig
 from interp.compare import CompareConfig
 from interp.data import DataConfig
 from interp.errors import BadInput, InterpError
@@ -260,3 +261,32 @@ def import_dictionary_learning(
     from interp.interop import import_dictionary_learning as import_folder
 
     typer.echo(f"wrote {import_folder(src, to, out, hook=hook, model=model)}")
+
+
+@app.command()
+@user_errors
+@takes(config_options(CircuitConfig), DEVICE)
+def circuit(
+    given: Given,
+    coder: Annotated[list[Path], typer.Option(help="A saved coder folder (any format load_sae reads); give several to splice them in together.")],
+    out: Annotated[Path, typer.Option(help="Folder for circuit.json.")] = Path("runs/circuit"),
+):
+    """Find the feature circuit of a task through the given coders: the model's baseline on the
+    task, node effects and edges on half the prompts, faithfulness and completeness on the other half."""
+    from interp.atomic import write_json
+    from interp.circuits import find_circuit
+    from interp.run import coder_model
+    from interp.sae import load_sae
+
+    device = given.apply(ModelConfig()).device
+    coders = [load_sae(path, device=device) for path in coder]
+    models = {c.cfg.model for c in coders}
+    if len(models) > 1:
+        raise BadInput(f"the coders were trained on different models ({', '.join(sorted(models))}); a circuit needs one model")
+    result = find_circuit(coder_model(coders[0], device), coders, given.apply(CircuitConfig()))
+    write_json(out / "circuit.json", result)
+    typer.echo(result["summary"])
+    typer.echo("top nodes (effect on the metric):")
+    for node in result["nodes"][:15]:
+        typer.echo(f"  {node['effect']:+.4f}  {node['id']}")
+    typer.echo(f"wrote {out / 'circuit.json'}")

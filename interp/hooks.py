@@ -86,34 +86,54 @@ def check_coder_fits(model, coder: SparseCoder) -> None:
 
 
 def capture(
-    model, tokens_bt: torch.Tensor, hooks: Sequence[str], mask_bt: torch.Tensor | None = None, with_grads: bool = False
+    model, tokens_bt: torch.Tensor, hooks: Sequence[str], mask_bt: torch.Tensor | None = None, with_grads: bool = False,
+    objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    patch: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    keep_graph: bool = False,
 ) -> Activations:
     """{hook: (kept positions, features)} of one forward pass over `tokens_bt`, at the positions
     `mask_bt` keeps (all by default). Without gradients the pass stops after the deepest hooked
-    block; with them it runs to the next-token loss and also returns, under `grad_key(hook)`, the
-    gradient of the summed loss with respect to each hooked activation."""
+    block; with them it runs to the end and also returns, under `grad_key(hook)`, the gradient
+    with respect to each hooked activation of the summed next-token loss, or of
+    `objective(logits_bsv)` (a scalar) when given. Each gradient is the total derivative: through
+    every path, later hooked activations included. `patch[hook](act)` replaces a hooked activation
+    (batch, pos, *dims) before anything reads it (activation patching); its gradient is then the
+    gradient at the patched value. With `keep_graph` the pass runs with gradients enabled and
+    returns the activations themselves, (batch, pos, *dims) and still in the autograd graph, for
+    the caller to differentiate one by another (edges between coders)."""
     hooks = list(dict.fromkeys(hooks))
     check_hooks(model, hooks)
     tokens_bt = tokens_bt.to(model.cfg.device)
     mask_bt = torch.ones_like(tokens_bt, dtype=torch.bool) if mask_bt is None else mask_bt.to(tokens_bt.device)
     captured: dict[str, torch.Tensor] = {}
 
+    by_name = {model.hook_dict[hook].name: fn for hook, fn in (patch or {}).items()}
+    check_hooks(model, list(patch or {}))
+
     def keep(act, hook):
-        if with_grads:
-            # The model's weights are frozen: a fresh leaf here is what the loss is differentiated by.
-            act = act.detach().requires_grad_(True)
+        if hook.name in by_name:
+            act = by_name[hook.name](act)
+        if with_grads or keep_graph:
+            # The model's weights are frozen: the first hooked activation becomes the leaf the loss
+            # is differentiated by; later ones, computed from it, keep their graph.
+            act = _exposed(act, leaf=False)
         captured[hook.name] = act
         return act
 
     names = {hook: model.hook_dict[hook].name for hook in hooks}
-    fwd_hooks = [(name, keep) for name in set(names.values())]
+    fwd_hooks = [(name, keep) for name in set(names.values()) | set(by_name)]
     if with_grads:
         with torch.enable_grad():
-            loss = model.run_with_hooks(tokens_bt, fwd_hooks=fwd_hooks, return_type="loss", loss_per_token=True)
-            loss.sum().backward()
+            if objective is None:
+                loss = model.run_with_hooks(tokens_bt, fwd_hooks=fwd_hooks, return_type="loss", loss_per_token=True).sum()
+            else:
+                loss = objective(model.run_with_hooks(tokens_bt, fwd_hooks=fwd_hooks, return_type="logits"))
+            loss.backward()
     else:
-        with torch.no_grad():
+        with torch.set_grad_enabled(keep_graph):
             model.run_with_hooks(tokens_bt, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop_layer(model, hooks))
+        if keep_graph:
+            return {hook: captured[name] for hook, name in names.items()}
     out: Activations = {}
     for hook, name in names.items():
         act = captured[name]
@@ -171,11 +191,14 @@ def splice(
     where: Where | torch.Tensor | None = None,
     edit: Callable[[SparseCoder, SparseCode], SparseCode] | None = None,
     expose: bool = False,
+    rewrite: Callable[[Spliced, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[list[Spliced]]:
     """Put `coders` into every forward pass of `model` inside the block (see the module
     docstring). `edit(coder, code)` may change a code before it is decoded (steering); with
-    keep_error the change is then the only difference from the clean model. Yields one
-    `Spliced` per coder, refreshed by each pass."""
+    keep_error the change is then the only difference from the clean model. `rewrite(spliced,
+    x_td)`, given the coder's record of this pass (its edited positions, code and error) and what
+    it read, returns what it writes instead (circuit ablations: some features and errors replaced
+    by baselines). Yields one `Spliced` per coder, refreshed by each pass."""
     written = [output_hook(c) for c in coders]
     twice = sorted({h for h in written if written.count(h) > 1})
     if twice:
@@ -217,6 +240,8 @@ def splice(
                     error_td = _exposed(error_td, leaf=True)
                 out_td = out_td + error_td
             record.mask_bt, record.code, record.error_td = mask_bt, code, error_td
+            if rewrite is not None:
+                out_td = rewrite(record, x_td)
             flat = y_bsf.clone()
             flat[mask_bt] = out_td.to(flat)
             return flat.reshape(act.shape)

@@ -6,7 +6,7 @@ decoder; and each coder's model-unit matrices against its own outputs."""
 import pytest
 import torch
 
-from interp.hooks import capture, coder_hooks, output_hook, splice
+from interp.hooks import capture, coder_hooks, grad_key, output_hook, splice
 from interp.sae import REGISTRY, SelectContext, create_coder
 
 D = 64
@@ -127,6 +127,20 @@ def test_gradients_reach_features_and_errors(tiny_model):
     # Upstream coders get gradient through the downstream coders' features.
     first = spliced[0]
     assert first.code.values_bk.grad.abs().sum() > 0
+
+
+def test_gradients_at_several_hooks_are_each_the_total_derivative(tiny_model):
+    """A later hooked activation must not cut the graph: every gradient equals the one captured
+    at that hook alone, for the loss and for an objective on the logits."""
+    tokens = tiny_model.to_tokens(TEXT[:1])
+    hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    objective = lambda logits: logits[:, -1, 5] - logits[:, -1, 7]  # noqa: E731
+    for goal in (None, objective):
+        together = capture(tiny_model, tokens, hooks, with_grads=True, objective=goal)
+        for hook in hooks:
+            alone = capture(tiny_model, tokens, [hook], with_grads=True, objective=goal)
+            assert alone[grad_key(hook)].abs().max() > 0
+            torch.testing.assert_close(together[grad_key(hook)], alone[grad_key(hook)], atol=1e-7, rtol=1e-5)
 
 
 def test_bad_splices_are_clear_errors(tiny_model):

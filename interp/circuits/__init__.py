@@ -1,0 +1,14 @@
+"""Circuits: which coder features (and error terms) carry a model's behaviour on a task, how they
+connect, and whether they are the mechanism (faithfulness, completeness), in data flow order:
+
+- `tasks.py`: clean/corrupt prompt pairs, answers, a metric, roles; the model's baseline on them;
+- `states.py`: the nodes (features, errors, skip terms of spliced coders) and their values;
+- `attribution.py`: node effects (attribution patching, integrated gradients) and edges;
+- `ablation.py`: the metric with nodes outside a circuit ablated; faithfulness and completeness;
+- `circuit.py`: `find_circuit(model, coders, CircuitConfig(...))`, everything above in one call.
+"""
+
+from interp.circuits.circuit import CircuitConfig, find_circuit
+from interp.circuits.tasks import Task, baseline, build_task
+
+__all__ = ["CircuitConfig", "Task", "baseline", "build_task", "find_circuit"]
