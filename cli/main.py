@@ -12,7 +12,7 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from interp.cli.options import Given, coder_options, config_options, field_docs, takes
@@ -61,7 +61,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
 @takes(config_options(RunConfig, exclude=["coder_options"]), coder_options())
 def train(
     given: Given,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<model>-<hook>-<arch>-k<k>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<model>-<hook>-<arch>-k<k>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the killed run in --out from its last checkpoint, with its saved settings.")] = False,
 ):
     """Train a sparse coder on a model's activations and evaluate it on held-out text."""
@@ -110,7 +110,7 @@ def evaluate(given: Given, run_dir: RunDir):
 @user_errors
 def info(
     model: Annotated[str, typer.Argument(help=field_docs(ModelConfig)["model"])] = ModelConfig.model,
-    filter: Annotated[Optional[str], typer.Option("--filter", help="Only hooks whose name contains this text.")] = None,
+    filter: Annotated[str | None, typer.Option("--filter", help="Only hooks whose name contains this text.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {hook: shape} as JSON.")] = False,
 ):
     """List the model's hook points and the per-token shape of each."""
@@ -154,8 +154,8 @@ def features(
     given: Given,
     run_dir: RunDir,
     recompute: Annotated[bool, typer.Option(help="Run the feature pass again even if RUN_DIR/features holds results.")] = False,
-    html: Annotated[Optional[Path], typer.Option(help="Where to write the dashboard (default RUN_DIR/dashboard.html).")] = None,
-    search: Annotated[Optional[str], typer.Option(help="Also print the features whose top tokens or logit-lens tokens contain this text.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Where to write the dashboard (default RUN_DIR/dashboard.html).")] = None,
+    search: Annotated[str | None, typer.Option(help="Also print the features whose top tokens or logit-lens tokens contain this text.")] = None,
 ):
     """Collect each feature's top contexts, samples, density, histogram and logit lens (one pass, saved
     in RUN_DIR/features), and write a self-contained HTML dashboard. Text options change the coder's
@@ -239,7 +239,7 @@ def convert(
     src: Annotated[Path, typer.Argument(help="An interp, SAE Lens or sparsify coder folder (or a sparsify run folder with --hookpoint).")],
     out: Out,
     to: Format,
-    hookpoint: Annotated[Optional[str], typer.Option(help="The hookpoint of a sparsify run folder to read (layers.6, layers.6.mlp).")] = None,
+    hookpoint: Annotated[str | None, typer.Option(help="The hookpoint of a sparsify run folder to read (layers.6, layers.6.mlp).")] = None,
 ):
     """Convert a coder folder between the interp, SAE Lens and sparsify formats."""
     from interp.interop import convert as convert_folder
@@ -253,8 +253,8 @@ def import_dictionary_learning(
     src: Annotated[Path, typer.Argument(help="A dictionary_learning folder: ae.pt (a pickle, read with torch's weights-only loader) and config.json.")],
     out: Out,
     to: Format = "interp",
-    hook: Annotated[Optional[str], typer.Option(help="The TransformerLens hook it reads (default: from its submodule_name).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="The model it was trained on (default: its config's lm_name).")] = None,
+    hook: Annotated[str | None, typer.Option(help="The TransformerLens hook it reads (default: from its submodule_name).")] = None,
+    model: Annotated[str | None, typer.Option(help="The model it was trained on (default: its config's lm_name).")] = None,
 ):
     """Import a dictionary_learning dictionary. Its ae.pt is a pickle: only this command opens one,
     with torch's weights-only loader, which refuses anything but tensors and plain containers."""
@@ -275,6 +275,9 @@ def circuit(
     task, node effects and edges on half the prompts, faithfulness and completeness on the other half."""
     from interp.atomic import write_json
     from interp.circuits import find_circuit
+    from interp.circuits.page import write_circuit_page
+    from interp.features import FEATURES_DIR, load_features
+    from interp.hooks import output_hook
     from interp.run import coder_model
     from interp.sae import load_sae
 
@@ -285,8 +288,10 @@ def circuit(
         raise BadInput(f"the coders were trained on different models ({', '.join(sorted(models))}); a circuit needs one model")
     result = find_circuit(coder_model(coders[0], device), coders, given.apply(CircuitConfig()))
     write_json(out / "circuit.json", result)
+    features = {output_hook(c): load_features(path) for c, path in zip(coders, coder) if (path / FEATURES_DIR).is_dir()}
+    page = write_circuit_page(result, out / "circuit.html", features)
     typer.echo(result["summary"])
     typer.echo("top nodes (effect on the metric):")
     for node in result["nodes"][:15]:
         typer.echo(f"  {node['effect']:+.4f}  {node['id']}")
-    typer.echo(f"wrote {out / 'circuit.json'}")
+    typer.echo(f"wrote {out / 'circuit.json'} and {page}")

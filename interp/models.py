@@ -312,6 +312,23 @@ def hook_shapes(model: TransformerBridge) -> dict[str, tuple[int, ...]]:
     }
 
 
+def hook_order(model: TransformerBridge, hooks: list[str]) -> list[str]:
+    """`hooks` in the order a forward pass computes them (the hook registry's order is not it:
+    TransformerLens lists a block's resid_post before its MLP's hooks), from one short pass."""
+    check_hooks(model, hooks)
+    fired: list[int] = []
+
+    def record(act, hook):
+        fired.append(id(hook))
+        return act
+
+    points = {hook: model.hook_dict[hook] for hook in hooks}
+    with torch.no_grad():
+        model.run_with_hooks(model.to_tokens("Hello world"), fwd_hooks=[(p.name, record) for p in {id(p): p for p in points.values()}.values()])
+    first = {point: i for i, point in reversed(list(enumerate(fired)))}
+    return sorted(hooks, key=lambda hook: first[id(points[hook])])
+
+
 def hook_widths(model: TransformerBridge, hooks: list[str]) -> dict[str, int]:
     """Per-token width of each hook (heads of hook_z concatenated), from one short forward pass."""
     check_hooks(model, hooks)

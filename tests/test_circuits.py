@@ -10,16 +10,26 @@ import json
 import pytest
 import torch
 from interp.cli.main import app
+from test_dashboard_browser import SKIP_WITHOUT_BROWSER, dump_dom
 from test_hooks import fitted
 from typer.testing import CliRunner
 
 from interp.circuits import CircuitConfig, Task, build_task, find_circuit
 from interp.circuits.ablation import Membership, faithfulness_curve, metric_with
-from interp.circuits.attribution import Groups, _gradients, edges_into, node_effects
+from interp.circuits.attribution import (
+    Groups,
+    edges_into,
+    metric_gradients,
+    node_effects,
+)
+from interp.circuits.circuit import forward_order
+from interp.circuits.page import write_circuit_page
 from interp.circuits.states import Node, baseline, coder_states
 from interp.circuits.tasks import baseline as task_baseline
 from interp.circuits.tasks import check_model_does_task, from_jsonl
+from interp.data import DataConfig
 from interp.errors import BadInput
+from interp.features import FeatureConfig, collect_features
 from interp.hooks import capture, output_hook
 from interp.models import TINY_MODEL
 
@@ -165,7 +175,7 @@ def test_edges_into_every_downstream_node_sum_to_the_upstream_effect(tiny_model)
     clean, corrupt = coder_states(tiny_model, coders, task.clean_nt), coder_states(tiny_model, coders, task.corrupt_nt)
     groups = Groups.of(task.role_of_positions(), "all")
     effects = node_effects(tiny_model, task.clean_nt, objective(task), clean, corrupt, groups, "atp")
-    grads = _gradients(tiny_model, task.clean_nt, [s.hook for s in clean], objective(task))
+    grads = metric_gradients(tiny_model, task.clean_nt, [s.hook for s in clean], objective(task))
     active = (clean[1].f_ntk > 0).flatten(0, 1).any(0).nonzero().flatten().tolist()
     targets = [Node(1, "feature", k, 0) for k in active] + [Node(1, "error", -1, 0)]
     into = edges_into(tiny_model, task.clean_nt, clean[0], corrupt[0], clean[1], grads[output_hook(coders[1])], targets, groups)
@@ -173,6 +183,16 @@ def test_edges_into_every_downstream_node_sum_to_the_upstream_effect(tiny_model)
     summed_error = sum(e.error_g for e in into)
     torch.testing.assert_close(summed_features, effects[0].feature_gk, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(summed_error, effects[0].error_g, atol=1e-4, rtol=1e-3)
+
+
+def test_coders_are_ordered_as_the_model_computes_them(tiny_model):
+    """The hook registry lists blocks.1.hook_resid_post before blocks.1.hook_mlp_out; the model
+    computes the MLP output first, and edges go from each coder to the next one computed."""
+    coders = coders_for(tiny_model, SPECS)
+    ordered = forward_order(tiny_model, [coders[2], coders[0], coders[1]])
+    assert [output_hook(c) for c in ordered] == ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    with pytest.raises(BadInput, match="same hook"):
+        forward_order(tiny_model, [coders[0], coders[0]])
 
 
 def test_baselines_mean_and_zero(tiny_model):
@@ -267,3 +287,24 @@ def test_cli_circuit_writes_circuit_json(tiny_model, tmp_path):
     written = json.loads((tmp_path / "out" / "circuit.json").read_text())
     assert written["nodes"] and written["faithfulness"]["sizes"] == [1, 5]
     assert "faithfulness" in result.output
+
+
+@pytest.mark.skipif(SKIP_WITHOUT_BROWSER, reason="chromium is not installed (apt-get install chromium); CI installs it")
+def test_circuit_page_renders_in_chromium(tiny_model, tmp_path):
+    task = model_task(tiny_model)
+    coders = coders_for(tiny_model, SPECS)
+    result = find_circuit(tiny_model, coders, CircuitConfig(method="atp", sizes=[1, 3], random_circuits=1), task=task, progress=False)
+    for coder in coders:
+        coder.cfg.model = TINY_MODEL
+    first = coders[0]
+    features = {output_hook(first): collect_features(tiny_model, first, FeatureConfig(tokens=600, top_k=4, samples=4,
+                                                                                      data=DataConfig(context_size=32, model_batch=4)), progress=False)}
+    page = write_circuit_page(result, tmp_path / "circuit.html", features)
+    dom = dump_dom(page.as_uri(), tmp_path / "profile")
+    assert 'data-rendered="circuit"' in dom, dom[-2000:]
+    assert 'class="main-svg"' in dom
+    top = result["nodes"][0]["id"]
+    assert f'id="{top}"' in dom
+    described = [n for n in result["nodes"][:50] if n["coder"] == output_hook(first) and n["kind"] == "feature"
+                 and features[output_hook(first)].top_contexts(n["latent"])]
+    assert described and "top tokens:" in dom

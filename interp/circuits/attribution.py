@@ -85,7 +85,8 @@ def _effects(clean: CoderState, patched: CoderState, grad_ntd: torch.Tensor, gro
     return NodeEffects(feature, error, skip)
 
 
-def _gradients(model, tokens_nt, hooks: list[str], objective, patch=None) -> dict[str, torch.Tensor]:
+def metric_gradients(model, tokens_nt, hooks: list[str], objective, patch=None) -> dict[str, torch.Tensor]:
+    """{hook: (prompts, positions, width)} d objective / d activation at each hook."""
     n, length = tokens_nt.shape
     acts = capture(model, tokens_nt, hooks, with_grads=True, objective=objective, patch=patch)
     return {hook: acts[grad_key(hook)].view(n, length, -1) for hook in hooks}
@@ -101,7 +102,7 @@ def node_effects(model, tokens_nt: torch.Tensor, objective: Callable[[torch.Tens
         raise BadInput(f"integrated gradients need at least 1 step, got {steps}")
     hooks = [state.hook for state in clean]
     if method == "atp":
-        grads = _gradients(model, tokens_nt, hooks, objective)
+        grads = metric_gradients(model, tokens_nt, hooks, objective)
         if progress:
             progress()
         return [_effects(c, p, grads[c.hook].to(c.y_ntd.device), groups) for c, p in zip(clean, patched)]
@@ -112,7 +113,7 @@ def node_effects(model, tokens_nt: torch.Tensor, objective: Callable[[torch.Tens
         for step in range(steps):
             alpha = (step + 0.5) / steps
             on_path = (c.y_ntd + alpha * delta).detach()
-            grads = _gradients(model, tokens_nt, [c.hook], objective, patch={c.hook: _setter(on_path)})
+            grads = metric_gradients(model, tokens_nt, [c.hook], objective, patch={c.hook: _setter(on_path)})
             mean_grad += grads[c.hook].to(mean_grad.device) / steps
             if progress:
                 progress()

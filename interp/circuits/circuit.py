@@ -16,8 +16,8 @@ from interp.circuits.ablation import faithfulness_curve
 from interp.circuits.attribution import (
     METHODS,
     Groups,
-    _gradients,
     edges_into,
+    metric_gradients,
     node_effects,
 )
 from interp.circuits.states import BASELINES, CoderState, Node, baseline, coder_states
@@ -25,6 +25,7 @@ from interp.circuits.tasks import Task, build_task, check_model_does_task
 from interp.circuits.tasks import baseline as task_baseline
 from interp.errors import BadInput, check_positive
 from interp.hooks import output_hook
+from interp.models import hook_order
 from interp.sae.base import SparseCoder
 
 
@@ -77,11 +78,11 @@ def node_id(coders: list[SparseCoder], node: Node, groups: Groups) -> str:
 
 def forward_order(model, coders: list[SparseCoder]) -> list[SparseCoder]:
     """The coders in the order the model computes what they write."""
-    order = {name: i for i, name in enumerate(model.hook_dict)}
-    written = sorted({output_hook(c) for c in coders})
-    if len(written) < len(coders):
-        raise BadInput(f"two coders write the same hook ({', '.join(output_hook(c) for c in coders)}): give one coder per hook")
-    return sorted(coders, key=lambda c: order[model.hook_dict[output_hook(c)].name])
+    written = [output_hook(c) for c in coders]
+    if len(set(written)) < len(coders):
+        raise BadInput(f"two coders write the same hook ({', '.join(written)}): give one coder per hook")
+    order = hook_order(model, written)
+    return sorted(coders, key=lambda c: order.index(output_hook(c)))
 
 
 class _Half:
@@ -170,7 +171,7 @@ def _edges(model, half: _Half, effects, n_targets: int, n_sources: int, tick) ->
     if len(half.clean) < 2 or n_targets <= 0:
         return []
     hooks = [s.hook for s in half.clean]
-    grads = _gradients(model, half.task.clean_nt, hooks, half.objective())
+    grads = metric_gradients(model, half.task.clean_nt, hooks, half.objective())
     out = []
     for up in range(len(half.clean) - 1):
         down = up + 1
