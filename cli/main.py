@@ -263,30 +263,57 @@ def import_dictionary_learning(
     typer.echo(f"wrote {import_folder(src, to, out, hook=hook, model=model)}")
 
 
-@app.command()
+circuit_app = typer.Typer(no_args_is_help=True, help="Circuits: task baselines, feature circuits, weights-based transcoder connections.")
+app.add_typer(circuit_app, name="circuit")
+Coders = Annotated[list[Path], typer.Option("--coder", help="A saved coder folder (any format load_sae reads); repeat for several.")]
+
+
+def _load_coders(paths: list[Path], device: str):
+    """The coders in `paths` and the model they were trained on (one model for all)."""
+    from interp.run import coder_model
+    from interp.sae import load_sae
+
+    coders = [load_sae(path, device=device) for path in paths]
+    models = {c.cfg.model for c in coders}
+    if len(models) > 1:
+        raise BadInput(f"the coders were trained on different models ({', '.join(sorted(models))}); a circuit needs one model")
+    return coders, coder_model(coders[0], device)
+
+
+@circuit_app.command("task")
+@user_errors
+@takes(config_options(CircuitConfig, only=["task", "prompts", "seed"]), config_options(ModelConfig))
+def circuit_task(given: Given):
+    """Build a task and print how well the model does it (accuracy, mean metric clean and corrupt)."""
+    from interp.circuits import baseline, build_task
+
+    model = given.apply(ModelConfig()).load()
+    cfg = given.apply(CircuitConfig())
+    task = build_task(cfg.task, model.tokenizer, n=cfg.prompts, seed=cfg.seed)
+    result = baseline(model, task)
+    typer.echo(f"task {task.name}: {result.n} prompts of {task.clean_nt.shape[1]} tokens, roles {', '.join(task.roles)}")
+    typer.echo(f"  accuracy {result.accuracy:.3f}, mean {task.metric} {result.mean_clean:.3f} clean, {result.mean_corrupt:.3f} corrupt")
+
+
+@circuit_app.command("find")
 @user_errors
 @takes(config_options(CircuitConfig), DEVICE)
-def circuit(
+def circuit_find(
     given: Given,
-    coder: Annotated[list[Path], typer.Option(help="A saved coder folder (any format load_sae reads); give several to splice them in together.")],
-    out: Annotated[Path, typer.Option(help="Folder for circuit.json.")] = Path("runs/circuit"),
+    coder: Coders,
+    out: Annotated[Path, typer.Option(help="Folder for circuit.json and circuit.html.")] = Path("runs/circuit"),
 ):
-    """Find the feature circuit of a task through the given coders: the model's baseline on the
-    task, node effects and edges on half the prompts, faithfulness and completeness on the other half."""
+    """Find the feature circuit of a task through the given coders, spliced in together: the model's
+    baseline on the task, node effects and edges on half the prompts, faithfulness and completeness
+    on the other half."""
     from interp.atomic import write_json
     from interp.circuits import find_circuit
     from interp.circuits.page import write_circuit_page
     from interp.features import FEATURES_DIR, load_features
     from interp.hooks import output_hook
-    from interp.run import coder_model
-    from interp.sae import load_sae
 
-    device = given.apply(ModelConfig()).device
-    coders = [load_sae(path, device=device) for path in coder]
-    models = {c.cfg.model for c in coders}
-    if len(models) > 1:
-        raise BadInput(f"the coders were trained on different models ({', '.join(sorted(models))}); a circuit needs one model")
-    result = find_circuit(coder_model(coders[0], device), coders, given.apply(CircuitConfig()))
+    coders, model = _load_coders(coder, given.apply(ModelConfig()).device)
+    result = find_circuit(model, coders, given.apply(CircuitConfig()))
     write_json(out / "circuit.json", result)
     features = {output_hook(c): load_features(path) for c, path in zip(coders, coder) if (path / FEATURES_DIR).is_dir()}
     page = write_circuit_page(result, out / "circuit.html", features)
@@ -295,3 +322,42 @@ def circuit(
     for node in result["nodes"][:15]:
         typer.echo(f"  {node['effect']:+.4f}  {node['id']}")
     typer.echo(f"wrote {out / 'circuit.json'} and {page}")
+
+
+@circuit_app.command("weights")
+@user_errors
+@takes(DEVICE)
+def circuit_weights(
+    given: Given,
+    coder: Coders,
+    feature: Annotated[int, typer.Option(help="The feature of the last --coder (the most downstream transcoder) to explain.")],
+    prompt: Annotated[str | None, typer.Option(help="Also split its pre-activation on this prompt into its sources.")] = None,
+    position: Annotated[int, typer.Option(help="Position in --prompt (negative counts from the end).")] = -1,
+    top: Annotated[int, typer.Option(help="How many connections and tokens to print.")] = 10,
+):
+    """Weights-based transcoder circuits (Dunefsky et al. 2024): a transcoder feature's strongest
+    upstream transcoder features (decoder . encoder through the residual stream), the tokens that
+    drive it directly (de-embedding), and on a prompt the input-dependent contributions."""
+    from interp.circuits.weights import (
+        deembedding,
+        input_dependent,
+        upstream_connections,
+    )
+    from interp.hooks import output_hook
+
+    coders, model = _load_coders(coder, given.apply(ModelConfig()).device)
+    *upstream, target = coders
+    typer.echo(f"feature {feature} of {target.cfg.hook} -> {output_hook(target)}")
+    typer.echo("strongest input-invariant connections (W_dec[i] . v_j):")
+    for c in upstream_connections(model, upstream, target, feature, top):
+        typer.echo(f"  {c.weight:+.4f}  {upstream[c.coder].cfg.hook} feature {c.feature}")
+    typer.echo("de-embedding (tokens driving it directly):")
+    typer.echo("  " + "  ".join(f"{model.tokenizer.decode([t])!r} {v:+.3f}" for t, v in deembedding(model, target, feature, top)))
+    if prompt is not None:
+        tokens = model.to_tokens(prompt)[0]
+        where = position % len(tokens)
+        parts = input_dependent(model, upstream, target, feature, tokens, where)
+        typer.echo(f"on {prompt!r} at position {where} ({model.tokenizer.decode([int(tokens[where])])!r}): pre-activation {parts.pre_activation:+.4f} =")
+        items = [(f"{upstream[i].cfg.hook} feature {k}", v) for (i, k), v in parts.features.items()] + list(parts.rest.items())
+        for name, value in sorted(items, key=lambda item: -abs(item[1]))[:top]:
+            typer.echo(f"  {value:+.4f}  {name}")

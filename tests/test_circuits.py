@@ -27,11 +27,12 @@ from interp.circuits.page import write_circuit_page
 from interp.circuits.states import Node, baseline, coder_states
 from interp.circuits.tasks import baseline as task_baseline
 from interp.circuits.tasks import check_model_does_task, from_jsonl
+from interp.circuits.weights import deembedding, input_dependent, upstream_connections
 from interp.data import DataConfig
 from interp.errors import BadInput
 from interp.features import FeatureConfig, collect_features
 from interp.hooks import capture, output_hook
-from interp.models import TINY_MODEL
+from interp.models import TINY_MODEL, load_hf
 
 N, LENGTH = 12, 9
 
@@ -281,7 +282,7 @@ def test_cli_circuit_writes_circuit_json(tiny_model, tmp_path):
     for i, coder in enumerate(coders_for(tiny_model, SPECS[:2])):
         coder.cfg.model = TINY_MODEL  # what `interp circuit` loads
         runs.append(coder.save(tmp_path / f"coder{i}"))
-    result = CliRunner().invoke(app, ["circuit", "--task", str(path), *[arg for r in runs for arg in ("--coder", str(r))],
+    result = CliRunner().invoke(app, ["circuit", "find", "--task", str(path), *[arg for r in runs for arg in ("--coder", str(r))],
                                       "--method", "atp", "--sizes", "1", "--sizes", "5", "--min-accuracy", "0", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "out" / "circuit.json").read_text())
@@ -308,3 +309,69 @@ def test_circuit_page_renders_in_chromium(tiny_model, tmp_path):
     described = [n for n in result["nodes"][:50] if n["coder"] == output_hook(first) and n["kind"] == "feature"
                  and features[output_hook(first)].top_contexts(n["latent"])]
     assert described and "top tokens:" in dom
+
+
+# --- weights-based transcoder circuits -----------------------------------------------------
+
+TRANSCODERS = [("topk", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", True),
+               ("batchtopk", "blocks.1.ln2.hook_out", "blocks.1.hook_mlp_out", False)]
+
+
+@pytest.fixture
+def norm_gain(tiny_model):
+    """The tiny model with a random gain in layer 1's MLP norm (its own is all ones, which would
+    hide a gain handled wrongly), restored afterwards."""
+    weight = tiny_model.blocks[1].ln2.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.copy_(torch.rand_like(weight) + 0.5)
+    yield tiny_model
+    with torch.no_grad():
+        weight.copy_(saved)
+
+
+@pytest.mark.parametrize("reads", ["ln2.hook_normalized", "ln2.hook_out"])
+def test_input_dependent_contributions_add_up_to_the_pre_activation(norm_gain, reads):
+    tiny_model = norm_gain
+    specs = [TRANSCODERS[0], ("topk", f"blocks.1.{reads}", "blocks.1.hook_mlp_out", False)]
+    up, down = coders_for(tiny_model, specs)
+    tokens = tiny_model.to_tokens(["The parts of the residual stream add up."])[0]
+    for feature, position in ((3, 4), (17, 7)):
+        parts = input_dependent(tiny_model, [up], down, feature, tokens, position)
+        total = sum(parts.features.values()) + sum(parts.rest.values())
+        assert total == pytest.approx(parts.pre_activation, rel=1e-4, abs=1e-5)
+        assert parts.features and "blocks.0.transcoder error" in parts.rest and "blocks.0.transcoder skip" in parts.rest
+
+
+def test_weights_connections_and_deembedding_against_plain_products(norm_gain):
+    tiny_model = norm_gain
+    up, down = coders_for(tiny_model, TRANSCODERS)
+    feature = 5
+    gain = tiny_model.blocks[1].ln2.weight.detach()
+    with torch.no_grad():
+        v = down.W_enc[feature] * down.in_scale * gain  # reads ln2.hook_out: the gain is part of its input
+        direct = (up.W_dec / up.out_scale) @ v
+    found = upstream_connections(tiny_model, [up], down, feature, top=5)
+    assert [c.feature for c in found] == direct.abs().topk(5).indices.tolist()
+    assert found[0].weight == pytest.approx(float(direct[found[0].feature]), rel=1e-5)
+    embedding = load_hf(TINY_MODEL)[0].model.embed_tokens.weight.detach()
+    tokens = deembedding(tiny_model, down, feature, top=4)
+    assert [t for t, _ in tokens] == (embedding @ v).topk(4).indices.tolist()
+    with pytest.raises(BadInput, match="MLP transcoders"):
+        upstream_connections(tiny_model, [fitted(hook="blocks.0.hook_resid_post")], down, feature)
+
+
+def test_cli_circuit_task_and_weights(tiny_model, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["circuit", "task", "--task", "ioi", "--model", TINY_MODEL])
+    assert result.exit_code == 2 and "IOI names are one token" in result.output  # a byte tokenizer has no one-token names
+    runs = []
+    for i, coder in enumerate(coders_for(tiny_model, TRANSCODERS)):
+        coder.cfg.model = TINY_MODEL
+        runs.append(str(coder.save(tmp_path / f"t{i}")))
+    result = runner.invoke(app, ["circuit", "weights", "--coder", runs[0], "--coder", runs[1], "--feature", "5",
+                                 "--prompt", "The parts add up.", "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert "strongest input-invariant connections" in result.output and "pre-activation" in result.output
+    result = runner.invoke(app, ["circuit", "weights", "--coder", runs[1], "--coder", runs[0], "--feature", "5"])
+    assert result.exit_code == 2 and "not upstream" in result.output

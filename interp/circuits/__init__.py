@@ -5,7 +5,9 @@ connect, and whether they are the mechanism (faithfulness, completeness), in dat
 - `states.py`: the nodes (features, errors, skip terms of spliced coders) and their values;
 - `attribution.py`: node effects (attribution patching, integrated gradients) and edges;
 - `ablation.py`: the metric with nodes outside a circuit ablated; faithfulness and completeness;
-- `circuit.py`: `find_circuit(model, coders, CircuitConfig(...))`, everything above in one call.
+- `circuit.py`: `find_circuit(model, coders, CircuitConfig(...))`, everything above in one call;
+- `page.py`: the circuit as an interactive HTML page;
+- `weights.py`: transcoder circuits from the weights (connections, de-embedding, contributions).
 """
 
 from interp.circuits.circuit import CircuitConfig, find_circuit
