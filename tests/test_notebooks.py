@@ -18,9 +18,10 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
 def run_notebook(name, tmp_path_factory, monkeypatch):
-    # Both notebooks load one small coder trained once per session, and read few tokens.
+    # The notebooks load one small coder trained once per session, and read few tokens.
     monkeypatch.setenv("INTERP_NOTEBOOK_RUN", str(small_smollm2_run(tmp_path_factory.getbasetemp())))
     monkeypatch.setenv("INTERP_NOTEBOOK_TOKENS", "3000")
+    monkeypatch.setenv("INTERP_NOTEBOOK_PROMPTS", "16")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     # The python3 kernel of the interpreter running the tests, whatever kernels are installed.
@@ -45,3 +46,9 @@ def test_steering_notebook_runs_and_its_baseline_is_the_models_text(smollm2, tmp
     cfg = GenerateConfig(max_new_tokens=12, samples=2, seed=0)
     expected = [smollm2.tokenizer.decode(reference_decode(smollm2, prompt_ids, cfg, cfg.seed + i)) for i in range(cfg.samples)]
     assert baselines == expected
+
+
+@pytest.mark.slow
+def test_circuits_notebook_runs_and_checks_the_model_does_ioi(tmp_path_factory, monkeypatch):
+    printed = run_notebook("circuits.ipynb", tmp_path_factory, monkeypatch)
+    assert "ioi: accuracy" in printed and "faithfulness" in printed and "interactive graph:" in printed
