@@ -375,3 +375,23 @@ def test_cli_circuit_task_and_weights(tiny_model, tmp_path):
     assert "strongest input-invariant connections" in result.output and "pre-activation" in result.output
     result = runner.invoke(app, ["circuit", "weights", "--coder", runs[1], "--coder", runs[0], "--feature", "5"])
     assert result.exit_code == 2 and "not upstream" in result.output
+
+
+@pytest.mark.parametrize("kind", ["mean", "zero"])
+def test_every_baseline_finds_a_checked_circuit(tiny_model, kind):
+    task = model_task(tiny_model)
+    cfg = CircuitConfig(method="atp", baseline=kind, sizes=[2], random_circuits=1, group_by="position")
+    result = find_circuit(tiny_model, coders_for(tiny_model, SPECS[:2]), cfg, task=task, progress=False)
+    test_half = task.split(0.5)[1]
+    assert result["faithfulness"]["m_model"] == pytest.approx(float(test_half.metric_n(tiny_model(test_half.clean_nt)).mean()), abs=1e-4)
+    assert result["groups"] == [f"pos{t}" for t in range(1, LENGTH)]
+    assert all(edge["source"].startswith("blocks.0.hook_resid_post/") for edge in result["edges"])
+
+
+def test_probability_difference_metric():
+    logits = torch.randn(3, 4, 10)
+    task = Task("digits", torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long),
+                torch.tensor([[7, 8, 9], [5, -1, -1], [1, 2, -1]]), torch.tensor([[1, -1, -1], [0, 1, 2], [3, -1, -1]]), "prob_diff")
+    p = logits[:, -1].softmax(-1)
+    expected = torch.stack([p[0, 7:10].sum() - p[0, 1], p[1, 5] - p[1, :3].sum(), p[2, 1:3].sum() - p[2, 3]])
+    torch.testing.assert_close(task.metric_n(logits), expected)
