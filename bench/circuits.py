@@ -47,7 +47,8 @@ def main() -> None:
     objective = lambda logits: task.metric_n(logits).sum()
     hooks = [output_hook(c) for c in coders]
 
-    metric_gradients(model, task.clean_nt[:2], hooks, objective)  # warm-up
+    warm = task.subset(slice(0, 2))
+    metric_gradients(model, warm.clean_nt, hooks, lambda logits: warm.metric_n(logits).sum())
     _, floor = timed(lambda: metric_gradients(model, task.clean_nt, hooks, objective))
     (clean, corrupt), states_s = timed(lambda: (coder_states(model, coders, task.clean_nt), coder_states(model, coders, task.corrupt_nt)))
     _, atp = timed(lambda: node_effects(model, task.clean_nt, objective, clean, corrupt, groups, "atp"))
