@@ -22,7 +22,7 @@ from interp.circuits.attribution import (
     metric_gradients,
     node_effects,
 )
-from interp.circuits.circuit import forward_order
+from interp.circuits.circuit import forward_order, rank_nodes
 from interp.circuits.page import write_circuit_page
 from interp.circuits.states import Node, baseline, coder_states
 from interp.circuits.tasks import baseline as task_baseline
@@ -395,3 +395,18 @@ def test_probability_difference_metric():
     p = logits[:, -1].softmax(-1)
     expected = torch.stack([p[0, 7:10].sum() - p[0, 1], p[1, 5] - p[1, :3].sum(), p[2, 1:3].sum() - p[2, 3]])
     torch.testing.assert_close(task.metric_n(logits), expected)
+
+
+def test_the_circuit_of_every_ranked_node_is_the_model(tiny_model):
+    """On the prompts the effects were found on, nodes left out of the ranking have no effect (the
+    same clean and baseline value, or no gradient), so a circuit of every ranked node must
+    reproduce the model: faithfulness 1, completeness 0. (find_circuit checks on held-out prompts,
+    where other features fire: there this need not hold.)"""
+    task, coders = model_task(tiny_model), coders_for(tiny_model, SPECS)
+    clean, corrupt = coder_states(tiny_model, coders, task.clean_nt), coder_states(tiny_model, coders, task.corrupt_nt)
+    groups = Groups.of(task.role_of_positions(), "role")
+    effects = node_effects(tiny_model, task.clean_nt, objective(task), clean, corrupt, groups, "atp")
+    ranked, _ = rank_nodes(effects, clean)
+    curve = faithfulness_curve(tiny_model, task, task.clean_nt, clean, corrupt, groups, ranked, [len(ranked)], ranked, n_random=1)
+    assert curve.faithfulness[0] == pytest.approx(1.0, abs=1e-4)
+    assert curve.completeness[0] == pytest.approx(0.0, abs=1e-4)

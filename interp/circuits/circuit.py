@@ -121,7 +121,7 @@ def find_circuit(model, coders: list[SparseCoder], cfg: CircuitConfig, task: Tas
     train = _Half(model, coders, train_task, train_groups, test_task, cfg.baseline)
     effects = node_effects(model, train_task.clean_nt, train.objective(), train.clean, train.base, train_groups,
                            cfg.method, cfg.steps, progress=tick)
-    ranked, scores = _rank(effects, train.clean)
+    ranked, scores = rank_nodes(effects, train.clean)
     edges = _edges(model, train, effects, cfg.edge_targets, cfg.edge_sources, tick)
 
     test = _Half(model, coders, test_task, test_groups, train_task, cfg.baseline)
@@ -147,7 +147,7 @@ def find_circuit(model, coders: list[SparseCoder], cfg: CircuitConfig, task: Tas
     }
 
 
-def _rank(effects, states: list[CoderState]) -> tuple[list[Node], dict[Node, float]]:
+def rank_nodes(effects, states: list[CoderState]) -> tuple[list[Node], dict[Node, float]]:
     """Every node with a nonzero effect, strongest first."""
     scores: dict[Node, float] = {}
     for c, eff in enumerate(effects):
@@ -175,13 +175,13 @@ def _edges(model, half: _Half, effects, n_targets: int, n_sources: int, tick) ->
     out = []
     for up in range(len(half.clean) - 1):
         down = up + 1
-        ranked, _ = _rank([effects[down]], [half.clean[down]])
+        ranked, _ = rank_nodes([effects[down]], [half.clean[down]])
         targets = [Node(down, n.kind, n.latent, n.group) for n in ranked[:n_targets]]
         into = edges_into(model, half.task.clean_nt, half.clean[up], half.base[up], half.clean[down],
                           grads[hooks[down]].to(half.clean[down].y_ntd.device), targets, half.groups)
         tick()
         for target, eff in zip(targets, into):
-            sources, sources_scores = _rank([eff], [half.clean[up]])
+            sources, sources_scores = rank_nodes([eff], [half.clean[up]])
             for source in sources[:n_sources]:
                 out.append((Node(up, source.kind, source.latent, source.group), target, sources_scores[source]))
     return out
