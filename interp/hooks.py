@@ -107,8 +107,8 @@ def capture(
     mask_bt = torch.ones_like(tokens_bt, dtype=torch.bool) if mask_bt is None else mask_bt.to(tokens_bt.device)
     captured: dict[str, torch.Tensor] = {}
 
-    by_name = {model.hook_dict[hook].name: fn for hook, fn in (patch or {}).items()}
     check_hooks(model, list(patch or {}))
+    by_name = {model.hook_dict[hook].name: fn for hook, fn in (patch or {}).items()}
 
     def keep(act, hook):
         if hook.name in by_name:

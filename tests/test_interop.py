@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from interp.cli.main import app
+from interp.kernels.reference import densify
 from safetensors.torch import load_file, save_file
 from test_hooks import fitted
 from typer.testing import CliRunner
@@ -30,8 +31,7 @@ torch.manual_seed(0)
 
 def dense(coder, x):
     code = coder.encode(x)
-    out = torch.zeros(len(x), coder.cfg.n_latents)
-    return out.scatter_add_(1, code.indices_bk.clamp(min=0), code.values_bk.detach().masked_fill(code.indices_bk < 0, 0))
+    return densify(code.indices_bk, code.values_bk.detach(), coder.cfg.n_latents)
 
 
 def topk_dense(pre, k):

@@ -19,6 +19,7 @@ import torch
 from interp.circuits.attribution import Groups
 from interp.circuits.states import CoderState, Node
 from interp.hooks import Spliced, splice
+from interp.kernels.reference import densify
 from interp.sae.base import SparseCoder
 
 
@@ -45,9 +46,6 @@ class Membership:
     def complement(self) -> Membership:
         return Membership(~self.feature_gk, ~self.error_g, ~self.skip_g)
 
-    def size(self, has_skip: bool) -> int:
-        return int(self.feature_gk.sum() + self.error_g.sum() + (self.skip_g.sum() if has_skip else 0))
-
 
 def _rewrite(members: dict[int, Membership], baselines: dict[int, CoderState], groups: Groups):
     """splice's rewrite: circuit nodes as computed now, the others at their baseline values."""
@@ -57,9 +55,7 @@ def _rewrite(members: dict[int, Membership], baselines: dict[int, CoderState], g
         member, base = members[id(coder)], baselines[id(coder)]
         group_t = groups.ids_nt.to(mask_bt.device)[mask_bt].clamp(min=0)
         units = coder.model_units()
-        f_tk = torch.zeros(len(x_td), coder.cfg.n_latents, device=x_td.device, dtype=units.W_dec.dtype)
-        code = record.code
-        f_tk.scatter_add_(1, code.indices_bk.clamp(min=0), code.values_bk.masked_fill(code.indices_bk < 0, 0).to(f_tk))
+        f_tk = densify(record.code.indices_bk, record.code.values_bk, coder.cfg.n_latents).to(units.W_dec.dtype)
         mask = mask_bt.to(base.f_ntk.device)
         f_tk = torch.where(member.feature_gk[group_t], f_tk, base.f_ntk[mask])
         out = f_tk @ units.W_dec + units.b_dec

@@ -94,15 +94,18 @@ def metric_gradients(model, tokens_nt, hooks: list[str], objective, patch=None) 
 
 def node_effects(model, tokens_nt: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
                  clean: list[CoderState], patched: list[CoderState], groups: Groups, method: str = "atp",
-                 steps: int = 10, progress: Callable[[], None] | None = None) -> list[NodeEffects]:
-    """Every coder's node effects on `objective(logits)` (the metric summed over prompts)."""
+                 steps: int = 10, progress: Callable[[], None] | None = None,
+                 clean_grads: dict[str, torch.Tensor] | None = None) -> list[NodeEffects]:
+    """Every coder's node effects on `objective(logits)` (the metric summed over prompts).
+    `clean_grads`: `metric_gradients` at the coders' written hooks on the clean prompts, when the
+    caller has them already (attribution patching reads nothing else)."""
     if method not in METHODS:
         raise BadInput(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "ig" and steps < 1:
         raise BadInput(f"integrated gradients need at least 1 step, got {steps}")
     hooks = [state.hook for state in clean]
     if method == "atp":
-        grads = metric_gradients(model, tokens_nt, hooks, objective)
+        grads = clean_grads if clean_grads is not None else metric_gradients(model, tokens_nt, hooks, objective)
         if progress:
             progress()
         return [_effects(c, p, grads[c.hook].to(c.y_ntd.device), groups) for c, p in zip(clean, patched)]

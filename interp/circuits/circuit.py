@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from tqdm.auto import tqdm
 
 from interp.circuits.ablation import faithfulness_curve
@@ -119,10 +120,14 @@ def find_circuit(model, coders: list[SparseCoder], cfg: CircuitConfig, task: Tas
     tick = lambda: bar.update(1)
 
     train = _Half(model, coders, train_task, train_groups, test_task, cfg.baseline)
+    with_edges = len(coders) > 1 and cfg.edge_targets > 0
+    # One clean backward serves attribution patching and the edges.
+    clean_grads = metric_gradients(model, train_task.clean_nt, [s.hook for s in train.clean], train.objective()) \
+        if cfg.method == "atp" or with_edges else None
     effects = node_effects(model, train_task.clean_nt, train.objective(), train.clean, train.base, train_groups,
-                           cfg.method, cfg.steps, progress=tick)
+                           cfg.method, cfg.steps, progress=tick, clean_grads=clean_grads)
     ranked, scores = rank_nodes(effects, train.clean)
-    edges = _edges(model, train, effects, cfg.edge_targets, cfg.edge_sources, tick)
+    edges = _edges(model, train, effects, cfg.edge_targets, cfg.edge_sources, clean_grads, tick) if with_edges else []
 
     test = _Half(model, coders, test_task, test_groups, train_task, cfg.baseline)
     candidates = ranked  # every node with a nonzero estimated effect
@@ -165,13 +170,11 @@ def rank_nodes(effects, states: list[CoderState]) -> tuple[list[Node], dict[Node
     return ranked, scores
 
 
-def _edges(model, half: _Half, effects, n_targets: int, n_sources: int, tick) -> list[tuple[Node, Node, float]]:
+def _edges(model, half: _Half, effects, n_targets: int, n_sources: int, grads: dict[str, torch.Tensor],
+           tick) -> list[tuple[Node, Node, float]]:
     """Edges from each coder into the strongest nodes of the next one downstream, the strongest
-    edges into each target kept."""
-    if len(half.clean) < 2 or n_targets <= 0:
-        return []
+    edges into each target kept; `grads`: the metric's gradients at the coders' written hooks."""
     hooks = [s.hook for s in half.clean]
-    grads = metric_gradients(model, half.task.clean_nt, hooks, half.objective())
     out = []
     for up in range(len(half.clean) - 1):
         down = up + 1

@@ -21,10 +21,10 @@ import torch
 
 from interp.errors import BadInput
 from interp.hooks import capture, coder_hooks, output_hook
+from interp.kernels.reference import densify
 from interp.sae.base import SparseCoder
 
 BASELINES = ("corrupt", "mean", "zero")
-KINDS = ("feature", "error", "skip")
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,6 @@ class CoderState:
         y = torch.where(self.nodes_nt[..., None], y, self.y_ntd)
         return CoderState(self.coder, f_ntk, error_ntd, skip_ntd, y, self.nodes_nt)
 
-    def node_value(self, kind: str) -> torch.Tensor:
-        return {"feature": self.f_ntk, "error": self.error_ntd, "skip": self.skip_ntd}[kind]
-
 
 @torch.no_grad()
 def coder_states(model, coders: list[SparseCoder], tokens_nt: torch.Tensor) -> list[CoderState]:
@@ -85,10 +82,8 @@ def coder_states(model, coders: list[SparseCoder], tokens_nt: torch.Tensor) -> l
         nodes_nt[:, 0] = False  # BOS, which splice never edits
         x_td = x_ntd[nodes_nt]
         code = coder.encode(x_td)
-        f_tk = torch.zeros(len(x_td), coder.cfg.n_latents, device=device)
-        f_tk.scatter_add_(1, code.indices_bk.clamp(min=0), code.values_bk.detach().masked_fill(code.indices_bk < 0, 0))
         f_ntk = torch.zeros(n, length, coder.cfg.n_latents, device=device)
-        f_ntk[nodes_nt] = f_tk
+        f_ntk[nodes_nt] = densify(code.indices_bk, code.values_bk.detach(), coder.cfg.n_latents)
         error = torch.zeros_like(y_ntd)
         error[nodes_nt] = y_ntd[nodes_nt] - coder.reconstruct(x_td, code).detach()
         skip = None

@@ -25,6 +25,7 @@ from interp.atomic import write_json, write_tensors
 from interp.errors import BadInput, NotFound
 from interp.interop import saelens, sparsify
 from interp.models import DEFAULT_MODEL, SMOLLM2_HF_NAME, hook_layer
+from interp.sae import folder as folder_format
 from interp.sae.base import SparseCoder
 
 FORMATS = ("interp", "saelens", "sparsify")
@@ -37,13 +38,13 @@ def detect_format(folder: Path) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         raise NotFound(f"{folder} is not a folder")
-    if (folder / "cfg.json").exists() and (folder / "weights.safetensors").exists():
+    if (folder / folder_format.CFG_FILE).exists() and (folder / folder_format.WEIGHTS_FILE).exists():
         return "interp"
     if (folder / saelens.CFG_FILE).exists() and (folder / saelens.WEIGHTS_FILE).exists():
         return "saelens"
     if (folder / sparsify.CFG_FILE).exists() and (folder / sparsify.WEIGHTS_FILE).exists():
         return "sparsify"
-    hookpoints = sorted(p.name for p in folder.iterdir() if (p / sparsify.WEIGHTS_FILE).exists())
+    hookpoints = _sparsify_hookpoints(folder)
     hint = f"; it is a sparsify run: name one of its hookpoints ({', '.join(hookpoints)})" if hookpoints else ""
     raise BadInput(f"{folder} holds no coder interp can read (an interp, SAE Lens or sparsify folder){hint}")
 
@@ -53,7 +54,12 @@ def is_foreign(folder: Path) -> bool:
     if not folder.is_dir():
         return False
     names = (saelens.WEIGHTS_FILE, sparsify.WEIGHTS_FILE)
-    return any((folder / name).exists() for name in names) or any((p / sparsify.WEIGHTS_FILE).exists() for p in folder.iterdir())
+    return any((folder / name).exists() for name in names) or bool(_sparsify_hookpoints(folder))
+
+
+def _sparsify_hookpoints(run: Path) -> list[str]:
+    """The hookpoint folders of a sparsify run folder."""
+    return sorted(p.name for p in run.iterdir() if (p / sparsify.WEIGHTS_FILE).exists())
 
 
 def load_foreign(path: str | Path, hookpoint: str | None = None, device: str = "cpu") -> SparseCoder:
