@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import torch
+from timing import timed
 
 from interp.circuits import build_task
 from interp.circuits.attribution import Groups, metric_gradients, node_effects
@@ -24,12 +24,6 @@ from interp.circuits.states import coder_states
 from interp.hooks import output_hook
 from interp.run import coder_model
 from interp.sae import load_sae
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def main() -> None:

@@ -12,20 +12,14 @@ whether the cache check passed (if not, interp decodes without the cache).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import timed
 
 from interp.generation import decode, kv_cache_exact
 from interp.models import load_hf, load_model
 
 PROMPT = "My favourite thing to do on weekends is"
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def main() -> None:

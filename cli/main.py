@@ -18,6 +18,7 @@ import typer
 from interp.cli.options import Given, coder_options, config_options, field_docs, takes
 
 from interp.circuits.circuit import CircuitConfig
+from interp.circuits.tracing import GraphConfig
 from interp.compare import CompareConfig
 from interp.data import DataConfig
 from interp.errors import BadInput, InterpError
@@ -263,7 +264,7 @@ def import_dictionary_learning(
     typer.echo(f"wrote {import_folder(src, to, out, hook=hook, model=model)}")
 
 
-circuit_app = typer.Typer(no_args_is_help=True, help="Circuits: task baselines, feature circuits, weights-based transcoder connections.")
+circuit_app = typer.Typer(no_args_is_help=True, help="Circuits: task baselines, feature circuits, attribution graphs, weights-based transcoder connections.")
 app.add_typer(circuit_app, name="circuit")
 Coders = Annotated[list[Path], typer.Option("--coder", help="A saved coder folder (any format load_sae reads); repeat for several.")]
 
@@ -322,6 +323,41 @@ def circuit_find(
     for node in result["nodes"][:15]:
         typer.echo(f"  {node['effect']:+.4f}  {node['id']}")
     typer.echo(f"wrote {out / 'circuit.json'} and {page}")
+
+
+@circuit_app.command("graph")
+@user_errors
+@takes(config_options(GraphConfig), DEVICE)
+def circuit_graph(
+    given: Given,
+    coder: Coders,
+    out: Annotated[Path, typer.Option(help="Folder for graph.json, graph.html and circuit-tracer/ (its graph JSON).")] = Path("runs/graph"),
+):
+    """The attribution graph of one prompt through MLP transcoders (any subset of layers; the
+    others become MLP-error nodes), under frozen attention patterns and norm scales: every edge
+    exact (checked by the sum rule and by interventions), pruned by influence on the target, the
+    strongest edges split by attention head."""
+    from interp.atomic import write_json
+    from interp.circuits.page import write_graph_page
+    from interp.circuits.tracing import circuit_tracer_graph, trace
+    from interp.features import FEATURES_DIR, load_features
+
+    coders, model = _load_coders(coder, given.apply(ModelConfig()).device)
+    names = [str(path) for path in coder]
+    result = trace(model, coders, given.apply(GraphConfig()), coder_names=names, say=typer.echo)
+    write_json(out / "graph.json", result)
+    features = {name: load_features(path) for name, path in zip(names, coder) if (path / FEATURES_DIR).is_dir()}
+    page = write_graph_page(result, out / "graph.html", features)
+    slug = out.name or "graph"
+    exported = circuit_tracer_graph(result, slug)
+    write_json(out / "circuit-tracer" / f"{slug}.json", exported)
+    write_json(out / "circuit-tracer" / "graph-metadata.json", {"graphs": [exported["metadata"]]})
+    typer.echo(result["summary"])
+    typer.echo("most influential nodes:")
+    for node in [n for n in result["nodes"] if n["kind"] != "target"][:15]:
+        detail = f" activation {node['activation']:.3f}" if "activation" in node else (f" {node['token']!r}" if "token" in node else "")
+        typer.echo(f"  {node['influence']:.4f}  {node['id']} ({node['kind']}){detail}")
+    typer.echo(f"built in {result['seconds']['build']:.1f} s; wrote {out / 'graph.json'}, {page} and {out / 'circuit-tracer'}")
 
 
 @circuit_app.command("weights")

@@ -115,8 +115,10 @@ def capture(
             act = by_name[hook.name](act)
         if with_grads or keep_graph:
             # The model's weights are frozen: the first hooked activation becomes the leaf the loss
-            # is differentiated by; later ones, computed from it, keep their graph.
-            act = _exposed(act, leaf=False)
+            # is differentiated by; later ones, computed from it, keep their graph (and their .grad
+            # only for with_grads: a caller of keep_graph differentiates with autograd.grad, and
+            # a retained .grad would accumulate across its calls).
+            act = _exposed(act, leaf=False, retain=with_grads)
         captured[hook.name] = act
         return act
 
@@ -175,11 +177,13 @@ def _mask(where: Where | torch.Tensor | None, b: int, s: int, device) -> torch.T
     return mask.expand(b, s) if mask.dim() == 1 else mask
 
 
-def _exposed(t: torch.Tensor, leaf: bool) -> torch.Tensor:
-    """`t` as a tensor whose .grad the backward fills."""
+def _exposed(t: torch.Tensor, leaf: bool, retain: bool = True) -> torch.Tensor:
+    """`t` as a tensor that gradients reach: a leaf if asked or if nothing upstream has gradients,
+    else `t` itself, whose .grad the backward fills when `retain`."""
     if leaf or not t.requires_grad:
         return t.detach().requires_grad_(True)
-    t.retain_grad()
+    if retain:
+        t.retain_grad()
     return t
 
 

@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 
 BENCH = Path(__file__).resolve().parents[1]
-PEERS = {"sparsify": "eai-sparsify", "saelens": "sae-lens"}
+PEERS = {"sparsify": "eai-sparsify", "saelens": "sae-lens", "circuit_tracer": "circuit-tracer"}
 LOCAL_WHEELS = Path("/opt/wheels")
-MODULES = {"sparsify": "sparsify", "saelens": "sae_lens"}
+MODULES = {"sparsify": "sparsify", "saelens": "sae_lens", "circuit_tracer": "circuit_tracer.frontend.graph_models"}
+# Peers installed without their dependencies and without torch, with only these: the graph
+# exports are proved against circuit-tracer's frontend schema, which needs pydantic alone (the
+# rest of circuit-tracer, a transformer-lens model wrapper, is not what the proof exercises).
+SCHEMA_ONLY = {"circuit_tracer": ["pydantic"]}
 READY = ".ready"  # written last into a peer environment; only a folder holding it is used
 # pip's per-request timeout and retries, so that an index that does not answer costs at most
 # (retries + 1) x timeout per URL, and pip is stopped once it meets that on a second URL (see
@@ -156,18 +160,25 @@ def _build_peer(name: str, building: Path, final: Path, lock_fd: int) -> None:
         step = time.monotonic()
         say(f"{name}: creating the venv")
         _run_logged([sys.executable, "-m", "venv", str(building)], "creating the venv", log, lock_fd, VENV_LIMIT_S)
-        say(f"{name}: venv created in {time.monotonic() - step:.0f} s; installing {torch_req}")
         step = time.monotonic()
-        _run_logged([*pip, torch_req], f"pip install {torch_req}", log, lock_fd, PIP_LIMIT_S)
-        say(f"{name}: torch installed in {time.monotonic() - step:.0f} s; installing {PEERS[name]}")
-        step = time.monotonic()
-        # torch named again so that the resolver keeps it: the peer must be timed on our torch.
-        _run_logged([*pip, PEERS[name], torch_req], f"pip install {PEERS[name]}", log, lock_fd, PIP_LIMIT_S)
-        say(f"{name}: {PEERS[name]} installed in {time.monotonic() - step:.0f} s; checking `import {MODULES[name]}`")
-        their_torch = _run_logged([str(python), "-c", f"import {MODULES[name]}, torch; print(torch.__version__)"],
-                                  f"import {MODULES[name]}", log, lock_fd, VENV_LIMIT_S)[-1:] or ["?"]
-        their_torch = their_torch[0]
-    if their_torch != torch.__version__:
+        if name in SCHEMA_ONLY:
+            say(f"{name}: venv created; installing {PEERS[name]} without its dependencies, and {', '.join(SCHEMA_ONLY[name])}")
+            _run_logged([*pip, "--no-deps", PEERS[name]], f"pip install {PEERS[name]}", log, lock_fd, PIP_LIMIT_S)
+            _run_logged([*pip, *SCHEMA_ONLY[name]], f"pip install {' '.join(SCHEMA_ONLY[name])}", log, lock_fd, PIP_LIMIT_S)
+            their_torch = "none"
+            _run_logged([str(python), "-c", f"import {MODULES[name]}"], f"import {MODULES[name]}", log, lock_fd, VENV_LIMIT_S)
+        else:
+            say(f"{name}: venv created in {time.monotonic() - step:.0f} s; installing {torch_req}")
+            _run_logged([*pip, torch_req], f"pip install {torch_req}", log, lock_fd, PIP_LIMIT_S)
+            say(f"{name}: torch installed in {time.monotonic() - step:.0f} s; installing {PEERS[name]}")
+            step = time.monotonic()
+            # torch named again so that the resolver keeps it: the peer must be timed on our torch.
+            _run_logged([*pip, PEERS[name], torch_req], f"pip install {PEERS[name]}", log, lock_fd, PIP_LIMIT_S)
+            say(f"{name}: {PEERS[name]} installed in {time.monotonic() - step:.0f} s; checking `import {MODULES[name]}`")
+            their_torch = _run_logged([str(python), "-c", f"import {MODULES[name]}, torch; print(torch.__version__)"],
+                                      f"import {MODULES[name]}", log, lock_fd, VENV_LIMIT_S)[-1:] or ["?"]
+            their_torch = their_torch[0]
+    if their_torch not in (torch.__version__, "none"):
         say(f"{name}: note: it runs torch {their_torch}, this environment {torch.__version__}")
     # Cosmetic for this script, which runs only bin/python (a symlink) and `python -m pip`, but
     # it keeps bin/pip, entry points and bin/activate usable by hand after the move.

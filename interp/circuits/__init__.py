@@ -6,8 +6,14 @@ connect, and whether they are the mechanism (faithfulness, completeness), in dat
 - `attribution.py`: node effects (attribution patching, integrated gradients) and edges;
 - `ablation.py`: the metric with nodes outside a circuit ablated; faithfulness and completeness;
 - `circuit.py`: `find_circuit(model, coders, CircuitConfig(...))`, everything above in one call;
-- `page.py`: the circuit as an interactive HTML page;
-- `weights.py`: transcoder circuits from the weights (connections, de-embedding, contributions).
+- `page.py`: circuits and attribution graphs as interactive HTML pages;
+- `weights.py`: transcoder circuits from the weights (connections, de-embedding, contributions);
+- `graph.py`: the attribution graph of one prompt through MLP transcoders (frozen attention and
+  norms; exact edges, checked by the sum rule and by interventions);
+- `pruning.py`: influence on the target and pruning by it;
+- `heads.py`: a graph's edges split by the attention head they pass through first;
+- `tracing.py`: `trace(model, coders, GraphConfig(...))`, a graph built, checked, pruned and split
+  in one call, and its export in circuit-tracer's graph JSON.
 """
 
 from interp.circuits.circuit import CircuitConfig, find_circuit

@@ -1,9 +1,13 @@
-"""A feature circuit as a self-contained HTML page: an interactive plotly graph (a row per coder,
-in the order the model computes them, a column per group of positions; a node's size is its
-effect's magnitude, its colour the sign, error and skip nodes drawn as squares; edges between
-consecutive coders), and a table of the strongest nodes. Where a coder's feature results exist
-(`interp features`), hovering over a feature, and its row of the table, show its top tokens and
-its logit lens."""
+"""Circuits as self-contained HTML pages.
+
+A feature circuit: an interactive plotly graph (a row per coder, in the order the model computes
+them, a column per group of positions; a node's size is its effect's magnitude, its colour the
+sign, error and skip nodes drawn as squares; edges between consecutive coders), and a table of the
+strongest nodes. An attribution graph: a row per layer (tokens below, the target on top), a column
+per position; a node's size is its influence on the target, edges coloured by sign; tables of the
+strongest nodes and of the edges split by attention head. Where a coder's feature results exist
+(`interp features`), hovering over a feature, and its row of a table, show its top tokens and its
+logit lens."""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ TOP_TOKENS = 6
 
 def feature_notes(node: dict, features: dict[str, FeatureResults]) -> str:
     """What the feature results say of a feature node ("" for other nodes or without results)."""
-    results = features.get(node["coder"])
-    if node["kind"] != "feature" or results is None or node["latent"] >= results.n_latents:
+    results = features.get(node["coder"]) if node["kind"] == "feature" else None
+    if results is None or node["latent"] >= results.n_latents:
         return ""
     tops = [results.vocab[c.token_ids[c.center]] for c in results.top_contexts(node["latent"], TOP_TOKENS)]
     parts = ["top tokens: " + " ".join(repr(t) for t in tops)] if tops else []
@@ -77,6 +81,26 @@ def circuit_figure(result: dict, features: dict[str, FeatureResults] | None = No
     return fig
 
 
+def _page(title: str, body: str, n_nodes: int) -> str:
+    """A page whose body says, once plotly has drawn, data-rendered="circuit" (or "failed")."""
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
+pre{{background:#f6f6f6;padding:0.6em}}</style></head>
+<body data-rendered="pending">
+{body}
+<script>
+window.addEventListener("load", () => {{
+  const graph = document.getElementById("circuit-graph");
+  const drawn = graph && graph.querySelector(".main-svg");
+  document.body.dataset.rendered = drawn ? "circuit" : "failed";
+  document.body.dataset.nodes = String({json.dumps(n_nodes)});
+}});
+</script>
+</body></html>
+"""
+
+
 def write_circuit_page(result: dict, path: str | Path, features: dict[str, FeatureResults] | None = None) -> Path:
     features = features or {}
     path = Path(path)
@@ -87,27 +111,90 @@ def write_circuit_page(result: dict, path: str | Path, features: dict[str, Featu
                                                   curve["completeness"]))
     rows_nodes = "".join(f"<tr class='node' id='{html.escape(n['id'])}'><td>{html.escape(n['id'])}</td><td>{n['effect']:+.4f}</td>"
                          f"<td>{html.escape(feature_notes(n, features))}</td></tr>" for n in result["nodes"][:50])
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>interp circuit: {html.escape(result['config']['task'])}</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
-pre{{background:#f6f6f6;padding:0.6em}}</style></head>
-<body data-rendered="pending">
-<h1>Feature circuit: {html.escape(result['config']['task'])}</h1>
+    body = f"""<h1>Feature circuit: {html.escape(result['config']['task'])}</h1>
 <pre>{html.escape(result['summary'])}</pre>
 {figure}
 <h2>Faithfulness on held-out prompts</h2>
 <table><tr><th>nodes</th><th>faithfulness</th><th>random circuits</th><th>without error nodes</th><th>completeness</th></tr>{rows_curve}</table>
 <h2>Strongest nodes</h2>
-<table><tr><th>node</th><th>effect</th><th>what its feature results say</th></tr>{rows_nodes}</table>
-<script>
-window.addEventListener("load", () => {{
-  const graph = document.getElementById("circuit-graph");
-  const drawn = graph && graph.querySelector(".main-svg");
-  document.body.dataset.rendered = drawn ? "circuit" : "failed";
-  document.body.dataset.nodes = String({json.dumps(len(result['nodes'][:60]))});
-}});
-</script>
-</body></html>
-"""
+<table><tr><th>node</th><th>effect</th><th>what its feature results say</th></tr>{rows_nodes}</table>"""
+    page = _page(f"interp circuit: {result['config']['task']}", body, len(result["nodes"][:60]))
     write_text(path, page)
+    return path
+
+
+GRAPH_SYMBOLS = {"feature": "circle", "error": "square", "embedding": "triangle-up", "bias": "cross", "target": "star"}
+
+
+def graph_figure(result: dict, features: dict[str, FeatureResults] | None = None, max_nodes: int = 200) -> go.Figure:
+    features = features or {}
+    nodes = result["nodes"][:max_nodes]
+    n_layers = result["n_layers"]
+    row = {n["id"]: (-1 if n["kind"] == "embedding" else n["layer"] + (0.5 if n["kind"] in ("error", "bias") else 0)) for n in nodes}
+    cells: dict[tuple[int, float], list[str]] = {}
+    for node in nodes:
+        cells.setdefault((node["position"], row[node["id"]]), []).append(node["id"])
+    placed = {}
+    for (column, height), ids in cells.items():
+        for slot, node_id in enumerate(ids):
+            placed[node_id] = (column - 0.35 + 0.7 * (slot + 0.5) / len(ids), height)
+    biggest = max((n["influence"] for n in nodes if n["kind"] != "target"), default=1.0) or 1.0
+    fig = go.Figure()
+    for sign, colour in ((1, "rgba(200,60,40,0.45)"), (-1, "rgba(40,90,200,0.45)")):
+        xs, ys = [], []
+        for edge in result["edges"]:
+            if edge["source"] in placed and edge["target"] in placed and (edge["weight"] > 0) == (sign > 0):
+                (x0, y0), (x1, y1) = placed[edge["source"]], placed[edge["target"]]
+                xs += [x0, x1, None]
+                ys += [y0, y1, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 1}, hoverinfo="skip",
+                                 name="positive edges" if sign > 0 else "negative edges"))
+    for kind, symbol in GRAPH_SYMBOLS.items():
+        chosen = [n for n in nodes if n["kind"] == kind]
+        if not chosen:
+            continue
+        hover = []
+        for n in chosen:
+            text = f"{html.escape(n['id'])} ({kind})<br>influence {n['influence']:.4f}"
+            if "activation" in n:
+                text += f"<br>activation {n['activation']:.4f}"
+            if "token" in n:
+                text += f"<br>token {html.escape(repr(n['token']))}"
+            if notes := feature_notes(n, features):
+                text += f"<br>{html.escape(notes)}"
+            hover.append(text)
+        fig.add_trace(go.Scatter(
+            x=[placed[n["id"]][0] for n in chosen], y=[placed[n["id"]][1] for n in chosen], mode="markers", name=f"{kind} nodes",
+            marker={"symbol": symbol, "size": [8 + 26 * min(1.0, n["influence"] / biggest) ** 0.5 for n in chosen],
+                    "line": {"width": 1, "color": "#333"}}, text=hover, hovertemplate="%{text}<extra></extra>"))
+    tokens = result["tokens"]
+    fig.update_layout(
+        title=f"attribution graph: {result['target']['label']}",
+        xaxis={"tickvals": list(range(len(tokens))), "ticktext": [repr(t) for t in tokens], "title": "position"},
+        yaxis={"tickvals": [-1, *range(n_layers), n_layers], "ticktext": ["tokens", *map(str, range(n_layers)), "target"], "title": "layer"},
+        height=300 + 22 * n_layers, template="plotly_white",
+    )
+    return fig
+
+
+def write_graph_page(result: dict, path: str | Path, features: dict[str, FeatureResults] | None = None) -> Path:
+    features = features or {}
+    path = Path(path)
+    figure = graph_figure(result, features).to_html(full_html=False, include_plotlyjs=True, div_id="circuit-graph")
+    rows_nodes = "".join(
+        f"<tr class='node' id='{html.escape(n['id'])}'><td>{html.escape(n['id'])}</td><td>{n['kind']}</td><td>{n['influence']:.4f}</td>"
+        f"<td>{n.get('activation', float('nan')):.4f}</td><td>{html.escape(feature_notes(n, features))}</td></tr>" for n in result["nodes"][:50])
+    rows_split = ""
+    for e in (e for e in result["edges"] if "split" in e):
+        heads = ", ".join(f"L{h['layer']}.H{h['head']} {h['part']:+.4f}" for h in e["split"]["heads"][:6])
+        rows_split += (f"<tr><td>{html.escape(e['source'])} &rarr; {html.escape(e['target'])}</td><td>{e['weight']:+.4f}</td>"
+                       f"<td>{e['split']['residual']:+.4f}</td><td>{html.escape(heads)}</td></tr>")
+    body = f"""<h1>Attribution graph: {html.escape(result['target']['label'])}</h1>
+<pre>{html.escape(result['summary'])}</pre>
+{figure}
+<h2>Strongest nodes</h2>
+<table><tr><th>node</th><th>kind</th><th>influence</th><th>activation</th><th>what its feature results say</th></tr>{rows_nodes}</table>
+<h2>Strongest edges by attention head</h2>
+<table><tr><th>edge</th><th>weight</th><th>residual path</th><th>first attention head (layer.head: part)</th></tr>{rows_split}</table>"""
+    write_text(path, _page(f"interp graph: {result['target']['label']}", body, len(result["nodes"][:200])))
     return path

@@ -29,7 +29,7 @@ from interp.sae.base import SparseCoder
 _INPUTS = ("ln2.hook_normalized", "ln2.hook_out")
 
 
-def _check_transcoder(coder: SparseCoder) -> int:
+def transcoder_layer(coder: SparseCoder) -> int:
     """The layer of an MLP transcoder (reads ln2, writes hook_mlp_out), or a clear error."""
     layer = hook_layer(coder.cfg.hook)
     reads = coder.cfg.hook.split(".", 2)[-1] if layer is not None else ""
@@ -41,7 +41,7 @@ def _check_transcoder(coder: SparseCoder) -> int:
 
 def encoder_direction(model, coder: SparseCoder, feature: int) -> torch.Tensor:
     """(d_model,) v_j: the residual-stream direction feature j's pre-activation reads, per unit of s(r)."""
-    layer = _check_transcoder(coder)
+    layer = transcoder_layer(coder)
     v = coder.model_units().W_enc[coder.check_feature(feature)]
     if coder.cfg.hook.endswith("ln2.hook_out"):
         v = v * model.blocks[layer].ln2.weight.detach().to(v)
@@ -59,11 +59,11 @@ class Connection:
 def upstream_connections(model, upstream: list[SparseCoder], coder: SparseCoder, feature: int, top: int = 10) -> list[Connection]:
     """The strongest input-invariant connections W_dec[i] . v_j into `feature` of `coder` from the
     features of the `upstream` transcoders (those before its layer)."""
-    layer = _check_transcoder(coder)
+    layer = transcoder_layer(coder)
     v = encoder_direction(model, coder, feature)
     found = []
     for index, up in enumerate(upstream):
-        if _check_transcoder(up) >= layer:
+        if transcoder_layer(up) >= layer:
             raise BadInput(f"{up.cfg.hook} is not upstream of {coder.cfg.hook}")
         weights = up.model_units().W_dec @ v.to(up.W_dec)
         latents = weights.abs().topk(min(top, len(weights))).indices
@@ -98,8 +98,8 @@ def input_dependent(model, upstream: list[SparseCoder], coder: SparseCoder, feat
     """Feature `feature`'s pre-activation at `position` of the prompt `tokens_t`, split into the
     contributions of the upstream transcoders' features and of everything else in the residual
     stream before its MLP (the parts sum to it)."""
-    layer = _check_transcoder(coder)
-    by_layer = {_check_transcoder(up): (i, up) for i, up in enumerate(upstream)}
+    layer = transcoder_layer(coder)
+    by_layer = {transcoder_layer(up): (i, up) for i, up in enumerate(upstream)}
     normalized_hook = f"blocks.{layer}.ln2.hook_normalized"
     hooks = ["hook_embed", f"blocks.{layer}.hook_resid_mid", normalized_hook, coder.cfg.hook]
     hooks += [f"blocks.{l}.hook_attn_out" for l in range(layer + 1)] + [f"blocks.{l}.hook_mlp_out" for l in range(layer)]
