@@ -35,7 +35,7 @@ from interp.models import load_model
 from interp.run import coder_model
 from interp.sae import create_coder, load_sae
 
-PROMPT = "When Mary and John went to the store, John gave a drink to"
+PROMPT = "After lunch on Friday, when Mary and John went to the store near the old park, John gave a drink to"
 
 
 def untrained(layers: list[int], d_model: int) -> list:
@@ -90,7 +90,7 @@ def main() -> None:
     _, pruning = timed(lambda: prune(graph))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     error = graph.sum_rule_error()
-    print(f"{tokens_1t.shape[1]} tokens; {len(coders)} {what} at layers {', '.join(str(l) for l in by_layer(model, coders))}; "
+    print(f"{tokens_1t.shape[1]} tokens ({model.tokenizer.decode(tokens_1t[0, 1:])!r}); {len(coders)} {what} at layers {', '.join(str(l) for l in by_layer(model, coders))}; "
           f"torch threads {torch.get_num_threads()}")
     print(f"{graph.kind.count('feature')} active features, {len(graph.kind)} nodes, {len(graph.rows)} rows; {notes[0]}")
     print(f"batched backward passes alone (floor): {floor:7.2f} s")
