@@ -65,18 +65,20 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<model>-<hook>-<arch>-k<k>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the killed run in --out from its last checkpoint, with its saved settings.")] = False,
 ):
-    """Train a sparse coder on a model's activations and evaluate it on held-out text."""
-    from interp.run import default_run_folder, train_run
+    """Train a sparse coder on a model's activations and evaluate it on held-out text; with
+    several --hook (or --layers and a hook template), one coder per hook from one forward pass."""
+    from interp.run import default_run_folder, train_runs
 
     if resume and (out is None or given.values):
         raise BadInput("--resume continues the run in --out with its saved settings: give --out and no other settings"
                        + (f" (got {', '.join(given.names())})" if given.values else ""))
     cfg = given.apply(RunConfig())
     out = out or default_run_folder(cfg)
-    coder, result, metrics = train_run(cfg, out, resume=resume)
-    typer.echo(f"saved {coder.arch} coder ({coder.cfg.n_latents} latents, hook {coder.cfg.hook}) to {out}")
-    typer.echo(f"trained on {result.tokens} tokens at {result.tokens_per_second:,.0f} tokens/s; held-out evaluation:")
-    _print_metrics(metrics)
+    runs = train_runs(cfg, out, resume=resume)
+    for coder, result, metrics, folder in runs:
+        typer.echo(f"saved {coder.arch} coder ({coder.cfg.n_latents} latents, hook {coder.cfg.hook}) to {folder}")
+        typer.echo(f"trained on {result.tokens} tokens at {result.tokens_per_second:,.0f} tokens/s; held-out evaluation:")
+        _print_metrics(metrics)
 
 
 @app.command()
@@ -93,18 +95,37 @@ def cache(given: Given, out: Annotated[Path, typer.Option(help="Folder of the ac
 @app.command("eval")
 @user_errors
 @takes(config_options(EvalConfig, default_note="the run's"), config_options(DataConfig, default_note="the run's"), DEVICE)
-def evaluate(given: Given, run_dir: RunDir):
+def evaluate(
+    given: Given,
+    run_dir: RunDir,
+    together: Annotated[bool, typer.Option(help="For a run of several coders, also the spliced loss with all of them in the model at once.")] = False,
+):
     """Evaluate a saved coder: FVU, L0, dead/dense fractions, spliced loss, loss recovered, KL.
-    Text options change the coder's training data (its held-out split is what is evaluated)."""
-    from interp.run import EVAL_FILE, evaluate_saved, saved_run_config
+    Text options change the coder's training data (its held-out split is what is evaluated).
+    For the parent folder of a run of several coders, each coder in turn."""
+    from interp.run import EVAL_FILE, evaluate_saved, group_folders, saved_run_config
     from interp.sae import load_sae
 
-    trained = saved_run_config(load_sae(run_dir))
-    evaluation = EvalConfig(**{f.name: getattr(trained, f.name) for f in dataclasses.fields(EvalConfig)})
-    data, evaluation = given.apply(trained.data), given.apply(evaluation)
-    metrics = evaluate_saved(run_dir, data, evaluation, given.apply(ModelConfig(trained.model)).device)
-    typer.echo(f"evaluation of {run_dir} (also in {run_dir / EVAL_FILE}):")
-    _print_metrics(metrics)
+    folders = group_folders(run_dir) or [run_dir]
+    if together and len(folders) == 1:
+        raise BadInput(f"--together splices every coder of a run of several; {run_dir} holds one coder")
+    for folder in folders:
+        trained = saved_run_config(load_sae(folder))
+        evaluation = EvalConfig(**{f.name: getattr(trained, f.name) for f in dataclasses.fields(EvalConfig)})
+        data, evaluation = given.apply(trained.data), given.apply(evaluation)
+        metrics = evaluate_saved(folder, data, evaluation, given.apply(ModelConfig(trained.model)).device)
+        typer.echo(f"evaluation of {folder} (also in {folder / EVAL_FILE}):")
+        _print_metrics(metrics)
+    if together:
+        from interp.metrics import splice_together_metrics
+        from interp.run import coder_model, heldout_token_batches
+
+        device = given.apply(ModelConfig(trained.model)).device
+        coders = [load_sae(folder, device=device) for folder in folders]
+        model = coder_model(coders[0], device)
+        metrics = splice_together_metrics(model, coders, heldout_token_batches(model, data, evaluation.splice_tokens))
+        typer.echo(f"all {len(coders)} coders spliced in at once:")
+        _print_metrics(metrics)
 
 
 @app.command()

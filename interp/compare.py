@@ -57,8 +57,8 @@ LOWER_IS_BETTER = {"fvu": True, "dead_frac": True, "kl": True, "loss_recovered":
 
 @dataclass
 class CompareConfig:
-    base: RunConfig = field(default_factory=lambda: RunConfig(hook="", train=TrainConfig(eval_every=0)))
-    """Settings every run shares; `activations` must name a store (from `interp cache`), whose model is used and whose first hook is the default (hook "")."""
+    base: RunConfig = field(default_factory=lambda: RunConfig(hooks=[], train=TrainConfig(eval_every=0)))
+    """Settings every run shares; `activations` must name a store (from `interp cache`), whose model is used and whose first hook is the default (no --hook)."""
     archs: list[str] = field(default_factory=lambda: ["topk", "batchtopk", "mutual_choice", "feature_choice", "gradient"], metadata={"flag": "arch"})
     """Architecture to compare; repeat for several."""
     ks: list[int] = field(default_factory=lambda: [16, 48], metadata={"flag": "k"})
@@ -82,7 +82,7 @@ def compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
     manifest = read_manifest(Path(cfg.base.activations))
     # Every run trains on the store's model and hook, and is evaluated on the text it was made from.
     base = replace(
-        copy.deepcopy(cfg.base), model=manifest.model, hook=cfg.base.hook or manifest.hooks[0],
+        copy.deepcopy(cfg.base), model=manifest.model, hooks=cfg.base.hooks or manifest.hooks[:1],
         data=replace(cfg.base.data, dataset=manifest.dataset, context_size=manifest.context_size),
     )
     bound = None
@@ -204,6 +204,6 @@ def write_figure(result: dict, path: Path) -> None:
     base = result["settings"]["base"]
     fig.update_layout(
         barmode="group", height=700, width=1200,
-        title=f"{base['model']} {base['hook']}: sparse coders at matched sparsity ({base['train']['tokens']:,} training tokens)",
+        title=f"{base['model']} {(base.get('hooks') or [base.get('hook')])[0]}: sparse coders at matched sparsity ({base['train']['tokens']:,} training tokens)",
     )
     fig.write_html(path, include_plotlyjs=True)

@@ -145,5 +145,39 @@ def splice_metrics_many(model, coders: list[SparseCoder], batches: Iterable[Toke
     return results
 
 
+@torch.no_grad()
+def splice_together_metrics(model, coders: list[SparseCoder], batches: Iterable[TokenBatch], progress: bool = True) -> dict:
+    """The next-token loss with every coder spliced in at once (each writing its reconstruction
+    where it edits), against the clean model and against every written hook zero-ablated (BOS
+    left clean); loss recovered and KL(clean || spliced)."""
+    written = [model.hook_dict[output_hook(coder)].name for coder in coders]
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+
+    def zero(act, hook):
+        act = act.clone()
+        act[:, 1:] = 0
+        return act
+
+    for batch in tqdm(list(batches), desc="splice eval (together)", disable=not progress, leave=False):
+        tokens = batch.tokens_bt.to(model.cfg.device)
+        clean_logits = model(tokens).float()
+        with splice(model, coders):
+            spliced_logits = model(tokens).float()
+        zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(name, zero) for name in written]).float()
+        n = tokens[:, 1:].numel()
+        for key, logits in (("clean", clean_logits), ("spliced", spliced_logits), ("zero", zero_logits)):
+            totals[key] += _next_token_loss(logits, tokens) * n
+        clean_logp = F.log_softmax(clean_logits[:, :-1], dim=-1)
+        totals["kl"] += (clean_logp.exp() * (clean_logp - F.log_softmax(spliced_logits[:, :-1], dim=-1))).sum(-1).sum().item()
+        count += n
+    if count == 0:
+        raise BadInput("no text to evaluate the splice on")
+    clean, spliced, zero_loss = (totals[k] / count for k in ("clean", "spliced", "zero"))
+    return {"coders": len(coders), "loss_clean": clean, "loss_spliced": spliced, "loss_zero": zero_loss,
+            "loss_recovered": (zero_loss - spliced) / (zero_loss - clean) if zero_loss != clean else float("nan"),
+            "kl": totals["kl"] / count, "splice_tokens": count}
+
+
 def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()

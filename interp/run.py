@@ -2,7 +2,10 @@
 and `interp eval` do, callable from Python.
 
 A run folder holds `run.json` (these settings), the coder (`cfg.json`, `weights.safetensors`),
-`checkpoint.safetensors`, `metrics.jsonl` and `eval.json`. The model is loaded only when a run
+`checkpoint.safetensors`, `metrics.jsonl` and `eval.json`. A run of several coders (several
+hooks, or one hook template over --layers), all trained from one pass over the activations, has
+a parent folder with `run.json`, `group.json` (its coders' folders), one `checkpoint.safetensors`
+for them all, and a run folder per coder. The model is loaded only when a run
 needs it: to make activations, or to evaluate on held-out text.
 """
 
@@ -28,12 +31,13 @@ from interp.data import DataConfig
 from interp.errors import BadInput, NotFound, check_positive
 from interp.hooks import capture, coder_hooks, hook_pair
 from interp.metrics import reconstruction_metrics, splice_metrics
-from interp.models import ModelConfig, hook_widths
+from interp.models import ModelConfig, hook_layer, hook_widths
 from interp.sae import SparseCoder, coder_class, create_coder, load_sae
-from interp.train import TrainConfig, Trainer, TrainResult
+from interp.train import TrainConfig, Trainer, TrainerGroup, TrainResult
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
+GROUP_FILE = "group.json"
 
 
 @dataclass
@@ -50,8 +54,10 @@ class EvalConfig:
 
 @dataclass
 class RunConfig(ModelConfig, EvalConfig):
-    hook: str = "blocks.6.hook_resid_post"
-    """TransformerLens hook point to train on (see `interp info MODEL`)."""
+    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"], metadata={"flag": "hook"})
+    """TransformerLens hook point to train on (see `interp info MODEL`); repeat for one coder per hook, all from one forward pass; with --layers, a template such as blocks.{L}.hook_resid_post."""
+    layers: str | None = None
+    """One coder per layer, all from one forward pass: layers such as 0-29 or 3,6,9 (ranges and lists), filling {L} in --hook and --target-hook."""
     arch: str = "topk"
     """Coder architecture (registered in interp.sae)."""
     expansion: int = 8
@@ -70,7 +76,7 @@ class RunConfig(ModelConfig, EvalConfig):
     """Train from an activation store written by `interp cache` instead of running the model."""
     data: DataConfig = field(default_factory=DataConfig)
     buffer_tokens: int = 65_536
-    """Activations held in the shuffle buffer (memory: tokens x width x 4 bytes)."""
+    """Tokens held in the shuffle buffer, one buffer for every coder of the run (memory: tokens x the summed width of every hook read x 4 bytes)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -80,11 +86,24 @@ class RunConfig(ModelConfig, EvalConfig):
         check_positive("buffer_tokens", self.buffer_tokens)
         if self.latents is not None:
             check_positive("latents", self.latents)
+        if self.layers is not None:
+            parse_layers(self.layers)
+
+    @property
+    def hook(self) -> str:
+        """The hook of a run that trains one coder."""
+        if len(self.hooks) != 1 or self.layers is not None or "{L}" in self.hooks[0]:
+            raise BadInput(f"this run trains several coders ({', '.join(self.hooks)}{' at layers ' + self.layers if self.layers else ''}); "
+                           "each has its own hook")
+        return self.hooks[0]
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
         data = dict(data)
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        # run.json before several coders per run named its one hook "hook".
+        if "hook" in data and "hooks" not in data:
+            values["hooks"] = [data["hook"]]
         data_values = dict(data.get("data", {}))
         # run.json before the config split kept k and model_batch at the top level.
         if "model_batch" in data:
@@ -99,12 +118,57 @@ class RunConfig(ModelConfig, EvalConfig):
         return cls(**values)
 
     @property
-    def hooks(self) -> list[str]:
-        """The hooks the coder reads and writes."""
+    def coder_hooks(self) -> list[str]:
+        """The hooks the coder of a one-coder run reads and writes."""
         return hook_pair(self.hook, target_hook(self))
 
 
 MLP_INPUT = re.compile(r"blocks\.(\d+)\.ln2\.hook_normalized")
+LAYER = "{L}"
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]."""
+    layers: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise BadInput(f"--layers takes layers such as 0-29 or 3,6,9 (ranges and lists of whole numbers), got {text!r}")
+        first = int(match.group(1))
+        layers += range(first, int(match.group(2) or first) + 1)
+    if len(set(layers)) != len(layers):
+        raise BadInput(f"--layers names a layer twice: {text!r}")
+    return layers
+
+
+def coder_runs(cfg: RunConfig) -> list[RunConfig]:
+    """The run of each coder `cfg` trains: one per hook, or per layer of each hook template."""
+    templated = [h for h in cfg.hooks if LAYER in h]
+    if cfg.layers is None and templated:
+        raise BadInput(f"--hook {templated[0]} is a template ({LAYER} for the layer): give --layers too")
+    if cfg.layers is not None and len(templated) != len(cfg.hooks):
+        raise BadInput(f"with --layers every --hook is a template with {LAYER}, e.g. blocks.{LAYER}.hook_resid_post; got {cfg.hooks}")
+    if not cfg.hooks:
+        raise BadInput("name at least one --hook")
+    pairs = []
+    for hook in cfg.hooks:
+        for layer in parse_layers(cfg.layers) if cfg.layers is not None else [None]:
+            read = hook if layer is None else hook.replace(LAYER, str(layer))
+            layer = layer if layer is not None else hook_layer(read)
+            target = cfg.target_hook
+            if target and LAYER in target:
+                if layer is None:
+                    raise BadInput(f"--target-hook {target} fills {LAYER} with the layer of --hook, but {read} is in no block")
+                target = target.replace(LAYER, str(layer))
+            pairs.append((read, target))
+    if len(pairs) > 1 and cfg.target_hook and LAYER not in cfg.target_hook:
+        raise BadInput(f"several coders cannot all reconstruct {cfg.target_hook}: give a template with {LAYER} "
+                       f"(blocks.{LAYER}.hook_mlp_out) or --transcode")
+    runs = [replace(cfg, hooks=[read], target_hook=target, layers=None) for read, target in pairs]
+    written = [hook_pair(r.hook, target_hook(r))[-1] for r in runs]
+    if len(set(written)) != len(written):
+        raise BadInput(f"two coders of this run would write the same hook: {sorted({w for w in written if written.count(w) > 1})}")
+    return runs
 
 
 def target_hook(cfg: RunConfig) -> str | None:
@@ -123,10 +187,17 @@ def target_hook(cfg: RunConfig) -> str | None:
 
 
 def default_run_folder(cfg: RunConfig) -> Path:
-    """runs/<model>-<hook>-<arch>-k<k> (k as given, else the architecture's default)."""
+    """runs/<model>-<hook>-<arch>-k<k> (k as given, else the architecture's default); for several
+    coders the hooks (templates) joined, and the layers."""
     declared = coder_class(cfg.arch).config_class.__dataclass_fields__
     k = cfg.coder_options.get("k", declared["k"].default if "k" in declared else None)
-    return Path("runs") / (f"{Path(cfg.model).name}-{cfg.hook}-{cfg.arch}" + (f"-k{k}" if k is not None else ""))
+    hooks = "+".join(cfg.hooks).replace(LAYER, "L") + (f"-layers{cfg.layers}" if cfg.layers else "")
+    return Path("runs") / (f"{Path(cfg.model).name}-{hooks}-{cfg.arch}" + (f"-k{k}" if k is not None else ""))
+
+
+def coder_folder(run: RunConfig) -> str:
+    """The folder of one coder inside a run of several: its hook (and target)."""
+    return run.hook + (f"--{target_hook(run)}" if target_hook(run) else "")
 
 
 class _Model:
@@ -179,16 +250,32 @@ def train_run(
     cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, evaluate: bool = True,
     max_input_norm: float | None = None,
 ) -> tuple[SparseCoder, TrainResult, dict]:
-    """Train a coder as `cfg` says into the run folder `out`; evaluate it (unless `evaluate` is
-    False: then the metrics hold only the training speed and eval.json is not written); save.
-    `max_input_norm` fixes the coder's input-norm bound instead of deriving it from the first
+    """Train the one coder of `cfg` into the run folder `out` (see `train_runs`)."""
+    runs = train_runs(cfg, out, resume=resume, progress=progress, evaluate=evaluate, max_input_norm=max_input_norm)
+    if len(runs) != 1:
+        raise BadInput(f"this run trained {len(runs)} coders; train_runs returns them all")
+    return runs[0][:3]
+
+
+def train_runs(
+    cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, evaluate: bool = True,
+    max_input_norm: float | None = None,
+) -> list[tuple[SparseCoder, TrainResult, dict, Path]]:
+    """Train the coders `cfg` asks for (one per hook, or per layer of each hook template), all
+    from one pass over the activations, into `out`: the run folder of a single coder, or the
+    parent of one folder per coder (named by its hooks, listed in group.json); evaluate each
+    (unless `evaluate` is False: then the metrics hold only the training speed and eval.json is
+    not written); save. Returns (coder, training result, metrics, folder) per coder.
+    `max_input_norm` fixes the coders' input-norm bound instead of deriving it from the first
     batch (`cfg.train.max_norm_ratio`)."""
     out = Path(out)
     if resume:
         cfg = read_run_config(out)
+    runs = coder_runs(cfg)
+    folders = [out] if len(runs) == 1 else [out / coder_folder(run) for run in runs]
     cls = coder_class(cfg.arch)
     model = _Model(cfg)
-    hooks, target = cfg.hooks, target_hook(cfg)
+    hooks = list(dict.fromkeys(hook for run in runs for hook in run.coder_hooks))
     data = run_data(cfg)
     if cfg.activations:
         manifest = read_manifest(Path(cfg.activations))
@@ -198,16 +285,24 @@ def train_run(
     else:
         source = ModelChunks(model(), lambda: data.batches(model().tokenizer, "train"), hooks, with_grads=cls.needs_grad)
         widths = hook_widths(model(), hooks)
-    d_in = widths[cfg.hook]
-    torch.manual_seed(cfg.train.seed)
-    coder = create_coder(
-        cfg.arch, d_in=d_in, n_latents=cfg.latents or cfg.expansion * d_in, hook=cfg.hook, target_hook=target,
-        d_out=widths[target] if target else None, skip=cfg.skip, model=cfg.model, **cfg.coder_options,
-    ).to(cfg.device)
-    coder.set_max_input_norm(max_input_norm)
-    coder.meta = {"run": asdict(replace(cfg, data=data))}
+    coders = []
+    for run in runs:
+        target, d_in = target_hook(run), widths[run.hook]
+        # Every coder starts as it would alone: the same seed before each.
+        torch.manual_seed(cfg.train.seed)
+        coder = create_coder(
+            cfg.arch, d_in=d_in, n_latents=cfg.latents or cfg.expansion * d_in, hook=run.hook, target_hook=target,
+            d_out=widths[target] if target else None, skip=cfg.skip, model=cfg.model, **cfg.coder_options,
+        ).to(cfg.device)
+        coder.set_max_input_norm(max_input_norm)
+        coder.meta = {"run": asdict(replace(run, data=data))}
+        coders.append(coder)
     if not resume:
         write_json(out / RUN_FILE, asdict(cfg))
+        if len(runs) > 1:
+            for run, folder in zip(runs, folders):
+                write_json(folder / RUN_FILE, asdict(run))
+            write_json(out / GROUP_FILE, {"coders": [folder.name for folder in folders]})
     eval_acts = None
 
     def periodic_eval(coder: SparseCoder) -> dict:
@@ -216,15 +311,28 @@ def train_run(
             eval_acts = heldout_activations(model(), data, hooks, cfg.eval_tokens)
         return reconstruction_metrics(coder, eval_acts)
 
+    # One buffer holds every hook's activations of the same tokens and feeds every coder.
     buffer = ShuffleBuffer(source, cfg.buffer_tokens, cfg.train.batch_size, cfg.train.seed)
-    result = Trainer(coder, buffer, cfg.train, out, evaluate=periodic_eval).run(resume=resume)
-    metrics = {"train_tokens_per_s": result.tokens_per_second}
-    if evaluate:
-        metrics = {**evaluate_coder(model(), coder, data, cfg, progress=progress, activations=eval_acts), **metrics}
-        coder.meta["eval"] = metrics
-        write_json(out / EVAL_FILE, metrics)
-    coder.save(out)
-    return coder, result, metrics
+    trainers = [Trainer(coder, buffer, cfg.train, folder, evaluate=periodic_eval) for coder, folder in zip(coders, folders)]
+    results = TrainerGroup(trainers, buffer, out).run(resume=resume)
+    done = []
+    for coder, result, folder in zip(coders, results, folders):
+        metrics = {"train_tokens_per_s": result.tokens_per_second}
+        if evaluate:
+            metrics = {**evaluate_coder(model(), coder, data, cfg, progress=progress, activations=eval_acts), **metrics}
+            coder.meta["eval"] = metrics
+            write_json(folder / EVAL_FILE, metrics)
+        coder.save(folder)
+        done.append((coder, result, metrics, folder))
+    return done
+
+
+def group_folders(out: str | Path) -> list[Path] | None:
+    """The coder folders of a run of several coders (from its group.json); None for a one-coder run."""
+    path = Path(out) / GROUP_FILE
+    if not path.exists():
+        return None
+    return [Path(out) / name for name in json.loads(path.read_text())["coders"]]
 
 
 def _check_store_matches(manifest: StoreManifest, cfg: RunConfig, hooks: list[str]) -> None:
@@ -289,7 +397,7 @@ def saved_run_config(coder: SparseCoder) -> RunConfig:
     """The settings a saved coder was trained with (its data: what it was trained on)."""
     run = coder.meta.get("run")
     # The device it was trained on need not exist here; what runs it now says where it runs.
-    return RunConfig.from_dict({**run, "device": "cpu"}) if run else RunConfig(model=coder.cfg.model, hook=coder.cfg.hook)
+    return RunConfig.from_dict({**run, "device": "cpu"}) if run else RunConfig(model=coder.cfg.model, hooks=[coder.cfg.hook])
 
 
 def coder_model(coder: SparseCoder, device: str = "cpu"):

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,27 +153,28 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a resume needs of this coder's training: (tensors, plain metadata)."""
         tensors = {f"coder.{k}": v for k, v in self.coder.state_dict().items()}
         tensors.update({f"training.{k}": v for k, v in self.coder.training_state().items()})
         for index, state in self.optimizer.state_dict()["state"].items():
             tensors.update({f"optim.{index}.{name}": value for name, value in state.items()})
         tensors["tokens_since_fired"] = self.tokens_since_fired
-        meta = {"step": self.step, "buffer": asdict(self.buffer_state), "train": asdict(self.cfg)}
+        return tensors, {"step": self.step, "train": asdict(self.cfg)}
+
+    def save_checkpoint(self) -> None:
+        tensors, meta = self.state()
+        meta["buffer"] = asdict(self.buffer_state)
         write_tensors(self.run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
         self.coder.save(self.run_dir)
 
     def load_checkpoint(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        if not path.exists():
-            raise NotFound(f"cannot resume: {path} does not exist (no checkpoint was written)")
-        try:
-            tensors = load_file(path)
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                meta = json.loads(json.loads(f.read(header_len))["__metadata__"]["state"])
-        except (SafetensorError, OSError, KeyError, ValueError) as err:
-            raise BadInput(f"cannot resume: checkpoint {path} is corrupt ({err}); delete it to start over") from err
+        tensors, meta = read_checkpoint(self.run_dir / CHECKPOINT)
+        self.restore(tensors, meta)
+        self.buffer_state = BufferState(**meta["buffer"])
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Take the state `state()` returned (read back from a checkpoint)."""
         saved_cfg = {k: v for k, v in meta["train"].items() if k != "wandb_project"}
         current = {k: v for k, v in asdict(self.cfg).items() if k != "wandb_project"}
         if saved_cfg != current:
@@ -199,7 +201,6 @@ class Trainer:
         self.optimizer.load_state_dict(optim)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.step = meta["step"]
-        self.buffer_state = BufferState(**meta["buffer"])
         self._truncate_log()
 
     def _truncate_log(self) -> None:
@@ -279,8 +280,88 @@ class Trainer:
         return {key: value[keep] for key, value in batch.items()}
 
     def run(self, resume: bool = False) -> TrainResult:
+        return TrainerGroup([self], self.buffer, self.run_dir).run(resume)[0]
+
+    def log_step(self, log, logger, last: dict) -> None:
+        """Append this step's record to the metrics log (every log_every steps, at evaluations and at the end)."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        record = None
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            record = {"step": self.step, "tokens": self.step * cfg.batch_size, **last}
+        if self.evaluate and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            record = record or {"step": self.step, "tokens": self.step * cfg.batch_size, **last}
+            record["eval"] = self.evaluate(self.coder)
+        if record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if logger:
+                logger.log(record, step=self.step)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    if not path.exists():
+        raise NotFound(f"cannot resume: {path} does not exist (no checkpoint was written)")
+    try:
+        tensors = load_file(path)
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            meta = json.loads(json.loads(f.read(header_len))["__metadata__"]["state"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise BadInput(f"cannot resume: checkpoint {path} is corrupt ({err}); delete it to start over") from err
+    return tensors, meta
+
+
+class TrainerGroup:
+    """Several coders trained step by step on the same batches of one buffer: one forward pass of
+    the model (or one read of a store) feeds them all. Each keeps its own optimiser, dead-latent
+    counters, metrics log and folder; their checkpoint is one file in `run_dir` (atomic, so a kill
+    never leaves coders at different steps). A group of one is a plain run: its checkpoint is the
+    coder's own, in its folder."""
+
+    def __init__(self, trainers: list[Trainer], buffer: ShuffleBuffer, run_dir: str | Path):
+        steps = {(t.cfg.steps, t.cfg.batch_size, t.cfg.checkpoint_every) for t in trainers}
+        if len(steps) != 1:
+            raise BadInput("coders trained together share their steps, batch size and checkpoint interval")
+        self.trainers, self.buffer, self.run_dir = trainers, buffer, Path(run_dir)
+        self.buffer_state = BufferState()
+
+    @property
+    def single(self) -> bool:
+        return len(self.trainers) == 1 and self.trainers[0].run_dir == self.run_dir
+
+    def save_checkpoint(self) -> None:
+        if self.single:
+            self.trainers[0].buffer_state = self.buffer_state
+            self.trainers[0].save_checkpoint()
+            return
+        tensors, metas = {}, []
+        for i, trainer in enumerate(self.trainers):
+            state, meta = trainer.state()
+            tensors.update({f"{i}.{k}": v for k, v in state.items()})
+            metas.append(meta)
+        meta = {"step": self.trainers[0].step, "buffer": asdict(self.buffer_state), "coders": metas}
+        write_tensors(self.run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
+        for trainer in self.trainers:
+            trainer.coder.save(trainer.run_dir)
+
+    def load_checkpoint(self) -> None:
+        if self.single:
+            self.trainers[0].load_checkpoint()
+            self.buffer_state = self.trainers[0].buffer_state
+            return
+        tensors, meta = read_checkpoint(self.run_dir / CHECKPOINT)
+        if len(meta["coders"]) != len(self.trainers):
+            raise BadInput(f"cannot resume: the checkpoint holds {len(meta['coders'])} coders, this run trains {len(self.trainers)}")
+        for i, trainer in enumerate(self.trainers):
+            prefix = f"{i}."
+            trainer.restore({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["coders"][i])
+        self.buffer_state = BufferState(**meta["buffer"])
+
+    def run(self, resume: bool = False) -> list[TrainResult]:
+        trainers, first = self.trainers, self.trainers[0]
+        cfg = first.cfg
+        for trainer in trainers:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_checkpoint()
         elif (self.run_dir / CHECKPOINT).exists():
@@ -288,39 +369,41 @@ class Trainer:
                 f"{self.run_dir} already holds a training checkpoint; pass --resume to continue it "
                 f"or choose another --out"
             )
-        logger = _wandb(cfg, self.coder) if cfg.wandb_project else None
+        loggers = [_wandb(t.cfg, t.coder) if t.cfg.wandb_project else None for t in trainers]
         batches = self.buffer.batches(self.buffer_state)
-        start_step, started = self.step, time.perf_counter()
-        last: dict = {}
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        with bar, (self.run_dir / METRICS).open("a") as log:
-            while self.step < cfg.steps:
+        start_step, started = first.step, time.perf_counter()
+        lasts: list[dict] = [{} for _ in trainers]
+        bar = tqdm(total=cfg.steps, initial=first.step, desc="train", unit="step", dynamic_ncols=True)
+        with bar, ExitStack() as stack:
+            logs = [stack.enter_context((t.run_dir / METRICS).open("a")) for t in trainers]
+            while first.step < cfg.steps:
                 batch = next(batches)
-                if self.step == 0:
-                    self.initialize(batch)
-                last = self.train_step(batch)
+                for i, trainer in enumerate(trainers):
+                    if trainer.step == 0:
+                        trainer.initialize(batch)
+                    lasts[i] = trainer.train_step(batch)
                 self.buffer_state = BufferState(**asdict(self.buffer.state))
                 elapsed = time.perf_counter() - started
-                last["tokens_per_s"] = (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}",
-                                dead=f"{last['dead_frac']:.3f}")
-                record = None
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    record = {"step": self.step, "tokens": self.step * cfg.batch_size, **last}
-                if self.evaluate and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    record = record or {"step": self.step, "tokens": self.step * cfg.batch_size, **last}
-                    record["eval"] = self.evaluate(self.coder)
-                if record:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if logger:
-                        logger.log(record, step=self.step)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                bar.set_postfix(_postfix(lasts))
+                for trainer, log, logger, last in zip(trainers, logs, loggers, lasts):
+                    last["tokens_per_s"] = (trainer.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
+                    trainer.log_step(log, logger, last)
+                if first.step % cfg.checkpoint_every == 0 or first.step == cfg.steps:
                     self.save_checkpoint()
         seconds = time.perf_counter() - started
-        trained = (self.step - start_step) * cfg.batch_size
-        return TrainResult(self.step, self.step * cfg.batch_size, seconds, trained / max(seconds, 1e-9), last)
+        trained = (first.step - start_step) * cfg.batch_size
+        return [TrainResult(t.step, t.step * cfg.batch_size, seconds, trained / max(seconds, 1e-9), last)
+                for t, last in zip(trainers, lasts)]
+
+
+def _postfix(lasts: list[dict]) -> dict[str, str]:
+    """The live metrics on the progress bar: one coder's, or each coder's in order, compactly."""
+    if len(lasts) == 1:
+        last = lasts[0]
+        return {"loss": f"{last['loss']:.4f}", "fvu": f"{last['fvu']:.3f}", "l0": f"{last['l0']:.1f}", "dead": f"{last['dead_frac']:.3f}"}
+    return {"fvu": " ".join(f"{last['fvu']:.2f}" for last in lasts), "l0": " ".join(f"{last['l0']:.0f}" for last in lasts),
+            "dead": " ".join(f"{last['dead_frac']:.2f}" for last in lasts)}
 
 
 def _wandb(cfg: TrainConfig, coder: SparseCoder):

@@ -151,7 +151,7 @@ def test_a_bug_is_not_reported_as_bad_input(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("an internal bug")
 
-    monkeypatch.setattr(interp.run, "train_run", broken)
+    monkeypatch.setattr(interp.run, "train_runs", broken)
     result = in_process("train", *SMALL, "--out", tmp_path / "run")
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
     assert "error:" not in result.stderr

@@ -256,12 +256,12 @@ def test_skip_transcoder_shapes_and_round_trip(arch, tmp_path):
 
 
 def test_transcode_target_defaults_to_the_mlp_output():
-    assert target_hook(RunConfig(hook="blocks.3.ln2.hook_normalized", transcode=True)) == "blocks.3.hook_mlp_out"
-    assert target_hook(RunConfig(hook=HOOK)) is None
+    assert target_hook(RunConfig(hooks=["blocks.3.ln2.hook_normalized"], transcode=True)) == "blocks.3.hook_mlp_out"
+    assert target_hook(RunConfig(hooks=[HOOK])) is None
     with pytest.raises(ValueError, match="--target-hook"):
-        target_hook(RunConfig(hook=HOOK, transcode=True))
+        target_hook(RunConfig(hooks=[HOOK], transcode=True))
     with pytest.raises(ValueError, match="needs --transcode"):
-        target_hook(RunConfig(hook=HOOK, skip=True))
+        target_hook(RunConfig(hooks=[HOOK], skip=True))
 
 
 def test_the_default_run_folder_names_model_hook_arch_and_k():
@@ -301,7 +301,7 @@ def test_attention_output_coder_attributes_latents_to_heads():
 )
 def test_train_run_on_the_tiny_model(arch, hook, extra, tmp_path):
     cfg = RunConfig(
-        model="tiny-llama", hook=hook, arch=arch, coder_options={"k": 4}, expansion=2, data=DataConfig(context_size=32, model_batch=4),
+        model="tiny-llama", hooks=[hook], arch=arch, coder_options={"k": 4}, expansion=2, data=DataConfig(context_size=32, model_batch=4),
         buffer_tokens=512, eval_tokens=200, splice_tokens=60, train=TrainConfig(tokens=1024, batch_size=128, eval_every=0),
         **extra,
     )

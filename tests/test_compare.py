@@ -21,15 +21,15 @@ def store(tmp_path_factory):
 
 
 def test_compare_writes_table_json_and_figure(store, tmp_path, monkeypatch):
-    base = RunConfig(hook="", expansion=2, activations=str(store), buffer_tokens=512, eval_tokens=200, splice_tokens=60,
+    base = RunConfig(hooks=[], expansion=2, activations=str(store), buffer_tokens=512, eval_tokens=200, splice_tokens=60,
                      train=TrainConfig(tokens=512, batch_size=128, eval_every=0))
     cfg = CompareConfig(base, archs=["topk", "feature_choice", "gradient"], ks=[4], seeds=[0, 1])
     result = compare(cfg, tmp_path, progress=False)
     assert len(result["runs"]) == 6 and len(result["table"]) == 3
     # Read from the store, into the comparison's own copy: the caller's settings are left as they were.
     used = result["settings"]["base"]
-    assert used["model"] == "tiny-llama" and used["hook"] == "blocks.0.hook_resid_post"
-    assert base.hook == "" and base.model == "smollm2-135m"
+    assert used["model"] == "tiny-llama" and used["hooks"] == ["blocks.0.hook_resid_post"]
+    assert base.hooks == [] and base.model == "smollm2-135m"
     for row in result["table"]:
         assert set(COLUMNS) <= set(row) and row["train_tokens_per_s"] > 0
     table = (tmp_path / "compare.md").read_text()
@@ -48,7 +48,7 @@ def test_compare_needs_a_store(tmp_path):
 
 
 def test_compare_gives_each_architecture_its_own_options_and_one_norm_bound(store, tmp_path):
-    base = RunConfig(hook="", expansion=2, activations=str(store), buffer_tokens=512, eval_tokens=200, splice_tokens=60,
+    base = RunConfig(hooks=[], expansion=2, activations=str(store), buffer_tokens=512, eval_tokens=200, splice_tokens=60,
                      coder_options={"beta": 3.0}, train=TrainConfig(tokens=256, batch_size=128, eval_every=0, max_norm_ratio=1.05))
     compare(CompareConfig(base, archs=["topk", "gradient"], ks=[4], seeds=[0]), tmp_path, progress=False)
     topk, gradient = (load_sae(tmp_path / "runs" / f"{arch}-k4-s0") for arch in ("topk", "gradient"))

@@ -13,7 +13,7 @@ from interp.train import TrainConfig
 
 def test_smollm2_train_save_load_evaluate(tmp_path, smollm2):
     cfg = RunConfig(
-        model="smollm2-135m", hook="blocks.3.hook_resid_post", coder_options={"k": 16}, latents=1152,
+        model="smollm2-135m", hooks=["blocks.3.hook_resid_post"], coder_options={"k": 16}, latents=1152,
         data=DataConfig(context_size=64, model_batch=16), buffer_tokens=8192,
         eval_tokens=2048, splice_tokens=504,
         train=TrainConfig(tokens=24_576, batch_size=1024, warmup_steps=5, eval_every=12, checkpoint_every=12),

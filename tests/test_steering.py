@@ -164,7 +164,7 @@ def small_smollm2_run(base: Path) -> Path:
     run = base / "smollm2-l6"
     if not (run / "cfg.json").exists():
         cfg = RunConfig(
-            model="smollm2-135m", hook="blocks.6.hook_resid_post", coder_options={"k": 16}, latents=1152,
+            model="smollm2-135m", hooks=["blocks.6.hook_resid_post"], coder_options={"k": 16}, latents=1152,
             data=DataConfig(context_size=64), buffer_tokens=8192, eval_tokens=1008, splice_tokens=1008,
             train=TrainConfig(tokens=16_384, batch_size=1024, warmup_steps=2, eval_every=0, checkpoint_every=16),
         )

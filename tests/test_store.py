@@ -68,7 +68,7 @@ def test_training_from_the_store_reads_no_model_activations(tmp_path, monkeypatc
     def no_model(*args, **kwargs):
         raise AssertionError("training from a store must not run the model for training batches")
 
-    cfg = RunConfig(model="tiny-llama", hook=HOOKS[0], coder_options={"k": 4}, expansion=2, activations=str(tmp_path / "store"),
+    cfg = RunConfig(model="tiny-llama", hooks=HOOKS[:1], coder_options={"k": 4}, expansion=2, activations=str(tmp_path / "store"),
                     eval_tokens=200, splice_tokens=100, buffer_tokens=256,
                     train=TrainConfig(tokens=1024, batch_size=64, eval_every=0))
     monkeypatch.setattr(activations.ModelChunks, "chunks", no_model)
@@ -84,7 +84,7 @@ def test_a_run_from_a_store_without_evaluation_loads_no_model(tmp_path, monkeypa
     def refuse(self):
         raise AssertionError("this run needs no model")
 
-    cfg = RunConfig(model="tiny-llama", hook=HOOKS[0], coder_options={"k": 4}, expansion=2, activations=str(tmp_path / "store"),
+    cfg = RunConfig(model="tiny-llama", hooks=HOOKS[:1], coder_options={"k": 4}, expansion=2, activations=str(tmp_path / "store"),
                     buffer_tokens=256, train=TrainConfig(tokens=512, batch_size=64, eval_every=0))
     given = copy.deepcopy(cfg)
     monkeypatch.setattr(ModelConfig, "load", refuse)
