@@ -273,11 +273,15 @@ class Trainer:
         return batch[self.coder.cfg.hook], None if written == self.coder.cfg.hook else batch[written]
 
     def covered(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch's rows whose input the coder covers (all of them, uncopied, without a norm bound)."""
-        if self.coder.max_input_norm is None:
-            return batch
-        keep = self.coder.inliers(batch[self.coder.cfg.hook])
-        return {key: value[keep] for key, value in batch.items()}
+        """The batch's rows whose input the coder covers (all of them, uncopied, without a norm
+        bound), at the keys this coder reads (a batch of several coders' hooks holds others')."""
+        coder = self.coder
+        keys = {coder.cfg.hook, output_hook(coder), grad_key(output_hook(coder))}
+        mine = {key: value for key, value in batch.items() if key in keys}
+        if coder.max_input_norm is None:
+            return mine
+        keep = coder.inliers(mine[coder.cfg.hook])
+        return {key: value[keep] for key, value in mine.items()}
 
     def run(self, resume: bool = False) -> TrainResult:
         return TrainerGroup([self], self.buffer, self.run_dir).run(resume)[0]
