@@ -28,12 +28,13 @@ from interp.activation_store import (
 from interp.activations import ModelChunks, ShuffleBuffer
 from interp.atomic import write_json
 from interp.data import DataConfig
-from interp.errors import BadInput, NotFound, check_positive
+from interp.errors import BadInput, NotFound, Unavailable, check_positive
 from interp.hooks import capture, coder_hooks, hook_pair
 from interp.metrics import reconstruction_metrics, splice_metrics
 from interp.models import ModelConfig, hook_layer, hook_widths
 from interp.sae import SparseCoder, coder_class, create_coder, load_sae
-from interp.train import TrainConfig, Trainer, TrainerGroup, TrainResult
+from interp.distributed import barrier, local_device, rank_and_world
+from interp.train import CHECKPOINT, TrainConfig, Trainer, TrainerGroup, TrainResult
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -70,6 +71,8 @@ class RunConfig(ModelConfig, EvalConfig):
     """Hook a transcoder reconstructs, e.g. blocks.L.hook_mlp_out (implies --transcode)."""
     skip: bool = False
     """Skip transcoder (Paulo et al. 2025): also learn a linear map from the input hook to the target."""
+    distribute_hooks: bool = False
+    """Under torchrun, give each process some of the run's coders, each trained on all the data (as sparsify's distribute_modules does)."""
     coder_options: dict = field(default_factory=dict)
     """Settings of the architecture's config class (k, and e.g. beta, zipf_exponent); unset ones keep its defaults."""
     activations: str | None = None
@@ -273,6 +276,18 @@ def train_runs(
         cfg = read_run_config(out)
     runs = coder_runs(cfg)
     folders = [out] if len(runs) == 1 else [out / coder_folder(run) for run in runs]
+    rank, world = rank_and_world(cfg.device)
+    if world > 1:
+        if not cfg.distribute_hooks:
+            raise Unavailable("interp trains under torchrun only with --distribute-hooks for now (each process trains "
+                              "some of the coders on all the data); data-parallel training is not built yet")
+        if len(runs) < world:
+            raise BadInput(f"--distribute-hooks shares {len(runs)} coders among {world} processes: give at least one coder per process")
+        if len(runs) == 1:
+            folders = [out / coder_folder(runs[0])]
+        cfg = replace(cfg, device=local_device(cfg.device))
+    all_folders = folders
+    runs, folders = runs[rank::world], folders[rank::world]
     cls = coder_class(cfg.arch)
     model = _Model(cfg)
     hooks = list(dict.fromkeys(hook for run in runs for hook in run.coder_hooks))
@@ -298,11 +313,13 @@ def train_runs(
         coder.meta = {"run": asdict(replace(run, data=data))}
         coders.append(coder)
     if not resume:
-        write_json(out / RUN_FILE, asdict(cfg))
-        if len(runs) > 1:
+        if rank == 0:
+            write_json(out / RUN_FILE, asdict(cfg))
+        if all_folders != [out]:
             for run, folder in zip(runs, folders):
                 write_json(folder / RUN_FILE, asdict(run))
-            write_json(out / GROUP_FILE, {"coders": [folder.name for folder in folders]})
+            if rank == 0:
+                write_json(out / GROUP_FILE, {"coders": [folder.name for folder in all_folders]})
     eval_acts = None
 
     def periodic_eval(coder: SparseCoder) -> dict:
@@ -314,7 +331,9 @@ def train_runs(
     # One buffer holds every hook's activations of the same tokens and feeds every coder.
     buffer = ShuffleBuffer(source, cfg.buffer_tokens, cfg.train.batch_size, cfg.train.seed)
     trainers = [Trainer(coder, buffer, cfg.train, folder, evaluate=periodic_eval) for coder, folder in zip(coders, folders)]
-    results = TrainerGroup(trainers, buffer, out).run(resume=resume)
+    # each process keeps its own checkpoint of its coders; rank 0 alone shows progress
+    checkpoint = CHECKPOINT if world == 1 else f"checkpoint.rank{rank}-of-{world}.safetensors"
+    results = TrainerGroup(trainers, buffer, out, checkpoint=checkpoint, progress=rank == 0).run(resume=resume)
     done = []
     for coder, result, folder in zip(coders, results, folders):
         metrics = {"train_tokens_per_s": result.tokens_per_second}
@@ -324,6 +343,7 @@ def train_runs(
             write_json(folder / EVAL_FILE, metrics)
         coder.save(folder)
         done.append((coder, result, metrics, folder))
+    barrier()
     return done
 
 

@@ -322,11 +322,13 @@ class TrainerGroup:
     never leaves coders at different steps). A group of one is a plain run: its checkpoint is the
     coder's own, in its folder."""
 
-    def __init__(self, trainers: list[Trainer], buffer: ShuffleBuffer, run_dir: str | Path):
+    def __init__(self, trainers: list[Trainer], buffer: ShuffleBuffer, run_dir: str | Path, checkpoint: str = CHECKPOINT,
+                 progress: bool = True):
         steps = {(t.cfg.steps, t.cfg.batch_size, t.cfg.checkpoint_every) for t in trainers}
         if len(steps) != 1:
             raise BadInput("coders trained together share their steps, batch size and checkpoint interval")
         self.trainers, self.buffer, self.run_dir = trainers, buffer, Path(run_dir)
+        self.checkpoint, self.progress = self.run_dir / checkpoint, progress
         self.buffer_state = BufferState()
 
     @property
@@ -344,7 +346,7 @@ class TrainerGroup:
             tensors.update({f"{i}.{k}": v for k, v in state.items()})
             metas.append(meta)
         meta = {"step": self.trainers[0].step, "buffer": asdict(self.buffer_state), "coders": metas}
-        write_tensors(self.run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
+        write_tensors(self.checkpoint, tensors, metadata={"state": json.dumps(meta)})
         for trainer in self.trainers:
             trainer.coder.save(trainer.run_dir)
 
@@ -353,7 +355,7 @@ class TrainerGroup:
             self.trainers[0].load_checkpoint()
             self.buffer_state = self.trainers[0].buffer_state
             return
-        tensors, meta = read_checkpoint(self.run_dir / CHECKPOINT)
+        tensors, meta = read_checkpoint(self.checkpoint)
         if len(meta["coders"]) != len(self.trainers):
             raise BadInput(f"cannot resume: the checkpoint holds {len(meta['coders'])} coders, this run trains {len(self.trainers)}")
         for i, trainer in enumerate(self.trainers):
@@ -368,7 +370,7 @@ class TrainerGroup:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_checkpoint()
-        elif (self.run_dir / CHECKPOINT).exists():
+        elif self.checkpoint.exists():
             raise AlreadyExists(
                 f"{self.run_dir} already holds a training checkpoint; pass --resume to continue it "
                 f"or choose another --out"
@@ -377,7 +379,7 @@ class TrainerGroup:
         batches = self.buffer.batches(self.buffer_state)
         start_step, started = first.step, time.perf_counter()
         lasts: list[dict] = [{} for _ in trainers]
-        bar = tqdm(total=cfg.steps, initial=first.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=first.step, desc="train", unit="step", dynamic_ncols=True, disable=not self.progress)
         with bar, ExitStack() as stack:
             logs = [stack.enter_context((t.run_dir / METRICS).open("a")) for t in trainers]
             while first.step < cfg.steps:

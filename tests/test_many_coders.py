@@ -5,6 +5,9 @@ The reference for "alone" is a plain one-coder run of interp's, which the rest o
 checks against its own references."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from interp.run import (
     parse_layers,
     train_runs,
 )
+from interp.sae import load_sae
 from interp.train import TrainConfig, Trainer
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out",
@@ -112,3 +116,26 @@ def test_cli_trains_several_coders_and_evaluates_them_together(store, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     assert evaluated.output.count("evaluation of") == 2 and "all 2 coders spliced in at once" in evaluated.output
     assert in_process("eval", out / "blocks.0.hook_resid_post", "--together").exit_code == 2
+
+
+def test_hooks_sharded_across_two_torchrun_processes_equal_each_trained_alone(store, tmp_path):
+    out = tmp_path / "sharded"
+    args = ["--activations", str(store), "--model", "tiny-llama", "--hook", "blocks.{L}.hook_resid_post", "--layers", "0-1",
+            "--k", "4", "--expansion", "2", "--tokens", "1536", "--batch-size", "64", "--buffer-tokens", "512",
+            "--checkpoint-every", "5", "--eval-every", "0", "--eval-tokens", "200", "--splice-tokens", "60"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                           "-m", "interp", "train", *args, "--distribute-hooks", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert sorted(p.name for p in out.glob("checkpoint.rank*")) == ["checkpoint.rank0-of-2.safetensors", "checkpoint.rank1-of-2.safetensors"]
+    folders = group_folders(out)
+    assert [f.name for f in folders] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    for folder in folders:
+        alone, *_ = train_runs(config(store, hooks=[folder.name]), tmp_path / f"alone-{folder.name}", progress=False, evaluate=False)[0]
+        assert states_equal(load_sae(folder), alone), folder.name
+    # without --distribute-hooks a torchrun launch says what it does not do yet
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+                           "-m", "interp", "train", *args, "--out", str(tmp_path / "dp")],
+                          capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert done.returncode != 0 and "data-parallel training is not built yet" in done.stdout + done.stderr
