@@ -28,12 +28,12 @@ from interp.activation_store import (
 from interp.activations import ModelChunks, ShuffleBuffer
 from interp.atomic import write_json
 from interp.data import DataConfig
+from interp.distributed import barrier, local_device, rank_and_world
 from interp.errors import BadInput, NotFound, Unavailable, check_positive
 from interp.hooks import capture, coder_hooks, hook_pair
 from interp.metrics import reconstruction_metrics, splice_metrics
 from interp.models import ModelConfig, hook_layer, hook_widths
 from interp.sae import SparseCoder, coder_class, create_coder, load_sae
-from interp.distributed import barrier, local_device, rank_and_world
 from interp.train import CHECKPOINT, TrainConfig, Trainer, TrainerGroup, TrainResult
 
 RUN_FILE = "run.json"
