@@ -379,7 +379,9 @@ def read_run_config(out: Path) -> RunConfig:
 @dataclass
 class CacheConfig(ModelConfig):
     hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"], metadata={"flag": "hook"})
-    """Hook point to cache; repeat for several (one forward pass)."""
+    """Hook point to cache; repeat for several (one forward pass); with --layers, a template such as blocks.{L}.hook_resid_post."""
+    layers: str | None = None
+    """Cache every --hook template at these layers (0-29, 3,6,9), filling {L}."""
     tokens: int = 400_000
     """Tokens to cache."""
     shard_tokens: int = 65_536
@@ -392,17 +394,29 @@ class CacheConfig(ModelConfig):
         super().__post_init__()
         if not self.hooks:
             raise BadInput("name at least one hook to cache")
+        self.cached_hooks()
+
+    def cached_hooks(self) -> list[str]:
+        """The hooks, templates filled at --layers."""
+        templated = [h for h in self.hooks if LAYER in h]
+        if (self.layers is None) != (not templated) or (templated and len(templated) != len(self.hooks)):
+            raise BadInput(f"--layers goes with hook templates ({LAYER} for the layer) and every --hook is one then; got {self.hooks}"
+                           + (f" with --layers {self.layers}" if self.layers else ""))
+        if self.layers is None:
+            return list(dict.fromkeys(self.hooks))
+        return [h.replace(LAYER, str(layer)) for h in self.hooks for layer in parse_layers(self.layers)]
         check_positive("tokens", self.tokens)
         check_positive("shard_tokens", self.shard_tokens)
 
 
 def cache_run(cfg: CacheConfig, out: str | Path, progress: bool = True) -> StoreManifest:
-    """Write the activations at `cfg.hooks` for `cfg.tokens` training tokens into a store."""
+    """Write the activations at `cfg.hooks` (templates filled at `cfg.layers`) for `cfg.tokens` training tokens into a store."""
     model = cfg.load()
-    source = ModelChunks(model, lambda: cfg.data.batches(model.tokenizer, "train"), cfg.hooks, with_grads=cfg.with_grads)
+    hooks = cfg.cached_hooks()
+    source = ModelChunks(model, lambda: cfg.data.batches(model.tokenizer, "train"), hooks, with_grads=cfg.with_grads)
     manifest = StoreManifest(
         model=cfg.model,
-        hooks=list(dict.fromkeys(cfg.hooks)),
+        hooks=hooks,
         dataset=cfg.data.dataset,
         context_size=cfg.data.context_size,
         batch_size=cfg.data.model_batch,

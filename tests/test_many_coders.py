@@ -139,3 +139,14 @@ def test_hooks_sharded_across_two_torchrun_processes_equal_each_trained_alone(st
                            "-m", "interp", "train", *args, "--out", str(tmp_path / "dp")],
                           capture_output=True, text=True, timeout=600, check=False, env=env)
     assert done.returncode != 0 and "data-parallel training is not built yet" in done.stdout + done.stderr
+
+
+def test_cache_fills_hook_templates_at_layers(tmp_path):
+    cfg = CacheConfig(model="tiny-llama", hooks=["blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out"], layers="0-1", tokens=200,
+                      data=DataConfig(context_size=16, model_batch=4))
+    assert cfg.cached_hooks() == ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    manifest = cache_run(cfg, tmp_path / "store", progress=False)
+    assert manifest.hooks == cfg.cached_hooks()
+    for hooks, layers in ((["blocks.{L}.hook_mlp_out"], None), (["blocks.0.hook_mlp_out"], "0-1"), (["blocks.{L}.hook_mlp_out", "hook_embed"], "0")):
+        with pytest.raises(BadInput, match="--layers"):
+            CacheConfig(hooks=hooks, layers=layers)
