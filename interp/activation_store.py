@@ -125,9 +125,10 @@ class StoreChunks:
             raise BadInput(f"{self.folder} does not hold {missing}{hint}; it holds {available}")
         self.keys = keys
 
-    def chunks(self, start: int = 0) -> Iterator[Activations]:
+    def chunks(self, start: int = 0, every: int = 1, offset: int = 0) -> Iterator[Activations]:
+        """Shards `offset + every * j` for j >= start (and round again at the end)."""
         shards = self.manifest.shards
-        index = start
+        index = offset + every * start
         while True:
             shard = shards[index % len(shards)]
             path = self.folder / shard["file"]
@@ -136,7 +137,7 @@ class StoreChunks:
             except (SafetensorError, OSError) as err:
                 raise BadInput(f"{path} is corrupt or missing: {err}; re-run `interp cache` into a new folder") from err
             yield {key: tensors[key] for key in self.keys}
-            index += 1
+            index += every
 
 
 def store_keys(hooks: list[str], with_grads: bool) -> list[str]:

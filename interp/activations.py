@@ -49,13 +49,14 @@ class ModelChunks:
         self.hooks = list(dict.fromkeys(hooks))
         self.with_grads = with_grads
 
-    def chunks(self, start: int = 0) -> Iterator[Activations]:
+    def chunks(self, start: int = 0, every: int = 1, offset: int = 0) -> Iterator[Activations]:
+        """Chunks `offset + every * j` for j >= start (the model runs on no other batch)."""
         index, epoch = 0, 0
         while True:
             produced = False
             for batch in self.token_batches():
                 produced = True
-                if index >= start:
+                if index % every == offset and index // every >= start:
                     yield capture(self.model, batch.tokens_bt, self.hooks, batch.mask_bt, self.with_grads)
                 index += 1
             if not produced:
@@ -65,6 +66,18 @@ class ModelChunks:
                 )
             epoch += 1
             log.warning("dataset exhausted after %d batches; starting epoch %d", index, epoch + 1)
+
+
+class Share:
+    """One rank's share of a chunk source under data parallelism: chunks rank, rank + world,
+    rank + 2 world, ...; its chunk j is the source's chunk rank + world j, so a resumed rank reads
+    the same chunks again."""
+
+    def __init__(self, source, rank: int, world: int):
+        self.source, self.rank, self.world = source, rank, world
+
+    def chunks(self, start: int = 0) -> Iterator[Activations]:
+        return self.source.chunks(start, every=self.world, offset=self.rank)
 
 
 @dataclass

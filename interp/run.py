@@ -25,11 +25,11 @@ from interp.activation_store import (
     store_keys,
     write_store,
 )
-from interp.activations import ModelChunks, ShuffleBuffer
+from interp.activations import ModelChunks, Share, ShuffleBuffer
 from interp.atomic import write_json
 from interp.data import DataConfig
 from interp.distributed import barrier, local_device, rank_and_world
-from interp.errors import BadInput, NotFound, Unavailable, check_positive
+from interp.errors import BadInput, NotFound, check_positive
 from interp.hooks import capture, coder_hooks, hook_pair
 from interp.metrics import reconstruction_metrics, splice_metrics
 from interp.models import ModelConfig, hook_layer, hook_widths
@@ -277,17 +277,22 @@ def train_runs(
     runs = coder_runs(cfg)
     folders = [out] if len(runs) == 1 else [out / coder_folder(run) for run in runs]
     rank, world = rank_and_world(cfg.device)
+    # Under torchrun: each process trains some of the coders on all the data (--distribute-hooks),
+    # or every process trains every coder on its share of each batch (data parallel).
+    sharded, data_parallel = world > 1 and cfg.distribute_hooks, world > 1 and not cfg.distribute_hooks
     if world > 1:
-        if not cfg.distribute_hooks:
-            raise Unavailable("interp trains under torchrun only with --distribute-hooks for now (each process trains "
-                              "some of the coders on all the data); data-parallel training is not built yet")
+        cfg = replace(cfg, device=local_device(cfg.device))
+    if sharded:
         if len(runs) < world:
             raise BadInput(f"--distribute-hooks shares {len(runs)} coders among {world} processes: give at least one coder per process")
         if len(runs) == 1:
             folders = [out / coder_folder(runs[0])]
-        cfg = replace(cfg, device=local_device(cfg.device))
+    if data_parallel and cfg.train.batch_size % world:
+        raise BadInput(f"--batch-size {cfg.train.batch_size} is the global batch: it must divide among the {world} processes")
     all_folders = folders
-    runs, folders = runs[rank::world], folders[rank::world]
+    if sharded:
+        runs, folders = runs[rank::world], folders[rank::world]
+    writer = rank == 0 or sharded
     cls = coder_class(cfg.arch)
     model = _Model(cfg)
     hooks = list(dict.fromkeys(hook for run in runs for hook in run.coder_hooks))
@@ -300,6 +305,8 @@ def train_runs(
     else:
         source = ModelChunks(model(), lambda: data.batches(model().tokenizer, "train"), hooks, with_grads=cls.needs_grad)
         widths = hook_widths(model(), hooks)
+    if data_parallel:
+        source = Share(source, rank, world)
     coders = []
     for run in runs:
         target, d_in = target_hook(run), widths[run.hook]
@@ -312,7 +319,7 @@ def train_runs(
         coder.set_max_input_norm(max_input_norm)
         coder.meta = {"run": asdict(replace(run, data=data))}
         coders.append(coder)
-    if not resume:
+    if not resume and writer:
         if rank == 0:
             write_json(out / RUN_FILE, asdict(cfg))
         if all_folders != [out]:
@@ -328,15 +335,21 @@ def train_runs(
             eval_acts = heldout_activations(model(), data, hooks, cfg.eval_tokens)
         return reconstruction_metrics(coder, eval_acts)
 
-    # One buffer holds every hook's activations of the same tokens and feeds every coder.
-    buffer = ShuffleBuffer(source, cfg.buffer_tokens, cfg.train.batch_size, cfg.train.seed)
-    trainers = [Trainer(coder, buffer, cfg.train, folder, evaluate=periodic_eval) for coder, folder in zip(coders, folders)]
-    # each process keeps its own checkpoint of its coders; rank 0 alone shows progress
-    checkpoint = CHECKPOINT if world == 1 else f"checkpoint.rank{rank}-of-{world}.safetensors"
-    results = TrainerGroup(trainers, buffer, out, checkpoint=checkpoint, progress=rank == 0).run(resume=resume)
+    # One buffer holds every hook's activations of the same tokens and feeds every coder; a
+    # data-parallel rank's buffer and batches are its share (the batch size is the global one).
+    share = world if data_parallel else 1
+    buffer = ShuffleBuffer(source, cfg.buffer_tokens // share, cfg.train.batch_size // share, cfg.train.seed)
+    trainers = [Trainer(coder, buffer, cfg.train, folder, evaluate=periodic_eval, data_parallel=data_parallel)
+                for coder, folder in zip(coders, folders)]
+    # a process of a sharded run keeps its own checkpoint of its coders; rank 0 alone shows progress
+    checkpoint = f"checkpoint.rank{rank}-of-{world}.safetensors" if sharded else CHECKPOINT
+    results = TrainerGroup(trainers, buffer, out, checkpoint=checkpoint, progress=rank == 0, rank=rank).run(resume=resume)
     done = []
     for coder, result, folder in zip(coders, results, folders):
         metrics = {"train_tokens_per_s": result.tokens_per_second}
+        if not writer:
+            done.append((coder, result, metrics, folder))
+            continue
         if evaluate:
             metrics = {**evaluate_coder(model(), coder, data, cfg, progress=progress, activations=eval_acts), **metrics}
             coder.meta["eval"] = metrics

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from interp import distributed
 from interp.activations import BufferState, ShuffleBuffer
 from interp.allocator import retain_freed_memory
 from interp.atomic import write_tensors
@@ -129,6 +130,7 @@ class Trainer:
         cfg: TrainConfig,
         run_dir: str | Path,
         evaluate: Callable[[SparseCoder], dict] | None = None,
+        data_parallel: bool = False,
     ):
         if not coder.trainable:
             raise BadInput(
@@ -150,6 +152,11 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(coder.cfg.n_latents, dtype=torch.long, device=device)
         self.step = 0
         self.buffer_state = BufferState()
+        # Under torchrun, each rank holds a share of every batch (see interp.distributed).
+        self.data_parallel = data_parallel and distributed.launched()
+        if self.data_parallel and coder.selects_over_batch:
+            raise BadInput(f"{coder.arch} chooses latents over the whole batch; under data parallelism that choice would "
+                           "be each rank's alone, which interp does not do: train it in one process, or with --distribute-hooks")
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -162,16 +169,23 @@ class Trainer:
         tensors["tokens_since_fired"] = self.tokens_since_fired
         return tensors, {"step": self.step, "train": asdict(self.cfg)}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, buffers: list[dict] | None = None) -> None:
+        """Write the checkpoint and the coder; `buffers`: every rank's buffer position, under data parallelism."""
         tensors, meta = self.state()
         meta["buffer"] = asdict(self.buffer_state)
+        if buffers is not None:
+            meta["buffers"] = buffers
         write_tensors(self.run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
         self.coder.save(self.run_dir)
 
     def load_checkpoint(self) -> None:
         tensors, meta = read_checkpoint(self.run_dir / CHECKPOINT)
         self.restore(tensors, meta)
-        self.buffer_state = BufferState(**meta["buffer"])
+        buffers = meta.get("buffers", [meta["buffer"]])
+        world = distributed.world_size() if self.data_parallel else 1
+        if len(buffers) != world:
+            raise BadInput(f"cannot resume: the checkpoint was written by {len(buffers)} data-parallel processes, this run has {world}")
+        self.buffer_state = BufferState(**buffers[distributed.rank() if self.data_parallel else 0])
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Take the state `state()` returned (read back from a checkpoint)."""
@@ -201,7 +215,8 @@ class Trainer:
         self.optimizer.load_state_dict(optim)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.step = meta["step"]
-        self._truncate_log()
+        if not self.data_parallel or distributed.rank() == 0:  # rank 0 alone keeps the log
+            self._truncate_log()
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the checkpoint: the resumed run writes them again."""
@@ -221,15 +236,20 @@ class Trainer:
         ctx = SelectContext(dead_mask=self.tokens_since_fired > cfg.dead_tokens, grad=grad)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate(coder.cfg.n_latents) * lr_factor(self.step, cfg)
-        out = coder(x, target, ctx)
-        loss = out.fvu + out.aux_loss
-        if not torch.isfinite(loss):
+        with distributed.batch_across_ranks(self.data_parallel):
+            out = coder(x, target, ctx)
+            loss = out.fvu + out.aux_loss
+            # under data parallelism each rank's loss is its share of the global batch's
+            losses = distributed.sum_over_ranks(torch.stack([loss, out.fvu, out.aux_loss]).detach().float())
+        if not torch.isfinite(losses[0]):
             raise NonFiniteLoss(
-                f"the loss became {loss.item()} at step {self.step}; nothing after the last checkpoint "
+                f"the loss became {losses[0].item()} at step {self.step}; nothing after the last checkpoint "
                 f"was saved. Lower the learning rate (--lr) or check the activations for inf/nan."
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.data_parallel:
+            self._sum_grads()
         coder.remove_parallel_grads()
         grads = [p.grad.flatten() for p in coder.parameters() if p.grad is not None]
         # BLAS dot products: faster on the CPU than get_total_norm's per-tensor norms.
@@ -238,29 +258,45 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(coder.parameters(), cfg.grad_clip, total_norm)
         self.optimizer.step()
         coder.normalize_decoder()
-        with torch.no_grad():
+        with torch.no_grad(), distributed.batch_across_ranks(self.data_parallel):
             # Counting each latent's firings (empty slots hold 0 and count for none) costs a third
             # of selecting the fired entries and indexing with them.
             fired_bk = (out.code.values_bk > 0).float()
             firings_n = torch.zeros_like(self.tokens_since_fired, dtype=fired_bk.dtype)
             firings_n.index_add_(0, out.code.indices_bk.clamp(min=0).flatten(), fired_bk.flatten())
-            self.tokens_since_fired += len(x)
+            counts = distributed.sum_over_ranks(torch.cat([firings_n, torch.tensor([float(len(x)), float(fired_bk.sum())], device=firings_n.device)]))
+            firings_n, tokens, fired = counts[:-2], counts[-2], counts[-1]
+            self.tokens_since_fired += int(tokens)
             self.tokens_since_fired.masked_fill_(firings_n > 0, 0)
-            l0 = fired_bk.sum() / len(x)
         self.step += 1
         return {
-            "loss": loss.item(),
-            "fvu": out.fvu.item(),
-            "aux_loss": out.aux_loss.item(),
-            "l0": l0.item(),
+            "loss": losses[0].item(),
+            "fvu": losses[1].item(),
+            "aux_loss": losses[2].item(),
+            "l0": (fired / tokens).item(),
             "dead_frac": (self.tokens_since_fired > cfg.dead_tokens).float().mean().item(),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
+    def _sum_grads(self) -> None:
+        """Every rank's gradients summed (one reduction of them all): the global batch's gradient."""
+        params = [p for p in self.coder.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.flatten() for p in params])
+        with distributed.batch_across_ranks():
+            distributed.sum_over_ranks(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
     def initialize(self, batch: dict[str, torch.Tensor]) -> None:
         """Input/target scales, decoder bias and the input-norm bound from the first batch (a
-        fresh run only)."""
+        fresh run only; under data parallelism the global first batch, gathered from every rank,
+        so that every rank computes the same)."""
         coder = self.coder
+        if self.data_parallel:
+            keys = {coder.cfg.hook, output_hook(coder)}
+            batch = {key: distributed.gather_rows(value) for key, value in batch.items() if key in keys}
         if self.cfg.max_norm_ratio is not None and coder.max_input_norm is None:
             coder.set_max_input_norm(norm_bound(batch[coder.cfg.hook], self.cfg.max_norm_ratio))
         x, target = self.inputs(self.covered(batch))
@@ -323,12 +359,14 @@ class TrainerGroup:
     coder's own, in its folder."""
 
     def __init__(self, trainers: list[Trainer], buffer: ShuffleBuffer, run_dir: str | Path, checkpoint: str = CHECKPOINT,
-                 progress: bool = True):
+                 progress: bool = True, rank: int = 0):
         steps = {(t.cfg.steps, t.cfg.batch_size, t.cfg.checkpoint_every) for t in trainers}
         if len(steps) != 1:
             raise BadInput("coders trained together share their steps, batch size and checkpoint interval")
         self.trainers, self.buffer, self.run_dir = trainers, buffer, Path(run_dir)
-        self.checkpoint, self.progress = self.run_dir / checkpoint, progress
+        self.checkpoint, self.progress, self.rank = self.run_dir / checkpoint, progress, rank
+        # Data-parallel ranks hold replicas of the same coders: rank 0 writes for them all.
+        self.data_parallel = trainers[0].data_parallel
         self.buffer_state = BufferState()
 
     @property
@@ -336,9 +374,12 @@ class TrainerGroup:
         return len(self.trainers) == 1 and self.trainers[0].run_dir == self.run_dir
 
     def save_checkpoint(self) -> None:
+        buffers = distributed.gather_objects(asdict(self.buffer_state)) if self.data_parallel else None
+        if self.rank != 0 and self.data_parallel:
+            return
         if self.single:
             self.trainers[0].buffer_state = self.buffer_state
-            self.trainers[0].save_checkpoint()
+            self.trainers[0].save_checkpoint(buffers)
             return
         tensors, metas = {}, []
         for i, trainer in enumerate(self.trainers):
@@ -346,6 +387,8 @@ class TrainerGroup:
             tensors.update({f"{i}.{k}": v for k, v in state.items()})
             metas.append(meta)
         meta = {"step": self.trainers[0].step, "buffer": asdict(self.buffer_state), "coders": metas}
+        if buffers is not None:
+            meta["buffers"] = buffers
         write_tensors(self.checkpoint, tensors, metadata={"state": json.dumps(meta)})
         for trainer in self.trainers:
             trainer.coder.save(trainer.run_dir)
@@ -361,7 +404,11 @@ class TrainerGroup:
         for i, trainer in enumerate(self.trainers):
             prefix = f"{i}."
             trainer.restore({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["coders"][i])
-        self.buffer_state = BufferState(**meta["buffer"])
+        buffers = meta.get("buffers", [meta["buffer"]])
+        world = distributed.world_size() if self.data_parallel else 1
+        if len(buffers) != world:
+            raise BadInput(f"cannot resume: the checkpoint was written by {len(buffers)} data-parallel processes, this run has {world}")
+        self.buffer_state = BufferState(**buffers[self.rank if self.data_parallel else 0])
 
     def run(self, resume: bool = False) -> list[TrainResult]:
         trainers, first = self.trainers, self.trainers[0]
@@ -375,13 +422,15 @@ class TrainerGroup:
                 f"{self.run_dir} already holds a training checkpoint; pass --resume to continue it "
                 f"or choose another --out"
             )
-        loggers = [_wandb(t.cfg, t.coder) if t.cfg.wandb_project else None for t in trainers]
+        # a data-parallel rank other than 0 keeps no log: rank 0's is the run's
+        writes = self.rank == 0 or not self.data_parallel
+        loggers = [_wandb(t.cfg, t.coder) if t.cfg.wandb_project and writes else None for t in trainers]
         batches = self.buffer.batches(self.buffer_state)
         start_step, started = first.step, time.perf_counter()
         lasts: list[dict] = [{} for _ in trainers]
         bar = tqdm(total=cfg.steps, initial=first.step, desc="train", unit="step", dynamic_ncols=True, disable=not self.progress)
         with bar, ExitStack() as stack:
-            logs = [stack.enter_context((t.run_dir / METRICS).open("a")) for t in trainers]
+            logs = [stack.enter_context((t.run_dir / METRICS).open("a")) for t in trainers] if writes else []
             while first.step < cfg.steps:
                 batch = next(batches)
                 for i, trainer in enumerate(trainers):
@@ -392,8 +441,9 @@ class TrainerGroup:
                 elapsed = time.perf_counter() - started
                 bar.update(1)
                 bar.set_postfix(_postfix(lasts))
-                for trainer, log, logger, last in zip(trainers, logs, loggers, lasts):
+                for trainer, last in zip(trainers, lasts):
                     last["tokens_per_s"] = (trainer.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
+                for trainer, log, logger, last in zip(trainers, logs, loggers, lasts):
                     trainer.log_step(log, logger, last)
                 if first.step % cfg.checkpoint_every == 0 or first.step == cfg.steps:
                     self.save_checkpoint()

@@ -127,6 +127,8 @@ class SparseCoder(nn.Module):
     needs_grad: ClassVar[bool] = False
     """Whether training selects latents with the loss gradient (`SelectContext.grad`)."""
     trainable: ClassVar[bool] = True
+    selects_over_batch: ClassVar[bool] = False
+    """Whether the family chooses latents over the whole batch (BatchTopK and its kin), not per token."""
     """Whether interp's trainer can train the family (some are only read from other libraries)."""
 
     def __init__(self, cfg: CoderConfig):

@@ -39,6 +39,7 @@ class BatchTopKConfig(TopKConfig):
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
     config_class = BatchTopKConfig
+    selects_over_batch = True
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)

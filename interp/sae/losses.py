@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from interp import distributed
 from interp.kernels import torch_ops
 
 
@@ -68,9 +69,16 @@ class _SquaredError(torch.autograd.Function):
 
 
 def total_variance(target: torch.Tensor) -> torch.Tensor:
-    """sum ||target - mean(target)||^2 over the batch: the FVU's denominator."""
-    centered = (target - target.mean(0)).flatten()
-    return torch.dot(centered, centered)
+    """sum ||target - mean(target)||^2 over the batch: the FVU's denominator. Under data
+    parallelism (`interp.distributed.batch_across_ranks`) over the global batch, every rank's
+    share of it."""
+    if not distributed.across_ranks():
+        centered = (target - target.mean(0)).flatten()
+        return torch.dot(centered, centered)
+    count = distributed.sum_over_ranks(torch.tensor(float(len(target)), device=target.device, dtype=target.dtype))
+    mean = distributed.sum_over_ranks(target.sum(0)) / count
+    centered = (target - mean).flatten()
+    return distributed.sum_over_ranks(torch.dot(centered, centered))
 
 
 def fraction_unexplained(target: torch.Tensor, x_hat: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
