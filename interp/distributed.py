@@ -76,6 +76,13 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s maximum over the ranks (in place) inside `batch_across_ranks`; `t` itself elsewhere."""
+    if _across:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` (the same shape on each), concatenated along the rows in rank order."""
     if not dist.is_initialized():

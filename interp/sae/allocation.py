@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from interp import distributed
+
 
 def padded_code(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, values) (n_rows, widest row) of latents `cols` active in tokens `rows` with
@@ -43,6 +45,8 @@ def batch_topk(pre_bn: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.T
     of the batch, so their budget-th largest is a lower bound of the true cut. Every entry at or above
     that bound (a few more than `budget`, however the top is spread over rows) then goes into
     an exact top-`budget`."""
+    if distributed.across_ranks():
+        return _batch_topk_across_ranks(pre_bn, budget)
     B, n = pre_bn.shape
     budget = min(budget, pre_bn.numel())
     per_row = min(n, 2 * -(-budget // B))
@@ -54,6 +58,21 @@ def batch_topk(pre_bn: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.T
         top = values.topk(budget, sorted=False).indices
         rows, cols, values = rows[top], cols[top], values[top]
     return rows, cols, values
+
+
+def _batch_topk_across_ranks(pre_bn: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`batch_topk` of the global batch under data parallelism, each rank holding a share of it
+    (`budget`: this share's, k x its tokens): the global budget's largest entries lie among each
+    share's own largest that many, so every rank offers those (padded to the same count), all
+    ranks take the same cut from them all, and each keeps its entries at or above it. The same
+    set as one process's top of the concatenated batch, ties at the cut aside."""
+    total = int(distributed.sum_over_ranks(torch.tensor(budget, device=pre_bn.device)))
+    offered = pre_bn.flatten().topk(min(total, pre_bn.numel()), sorted=False).values
+    padded = torch.full((total,), float("-inf"), device=pre_bn.device, dtype=pre_bn.dtype)
+    padded[: len(offered)] = offered
+    cut = distributed.gather_rows(padded).topk(total, sorted=False).values.min()
+    rows, cols = (pre_bn >= cut if cut > 0 else pre_bn > 0).nonzero(as_tuple=True)
+    return rows, cols, pre_bn[rows, cols]
 
 
 @torch.no_grad()

@@ -129,6 +129,8 @@ class SparseCoder(nn.Module):
     trainable: ClassVar[bool] = True
     selects_over_batch: ClassVar[bool] = False
     """Whether the family chooses latents over the whole batch (BatchTopK and its kin), not per token."""
+    selects_across_ranks: ClassVar[bool] = False
+    """For such a family: whether its choice under data parallelism is over the global batch, as in one process."""
     """Whether interp's trainer can train the family (some are only read from other libraries)."""
 
     def __init__(self, cfg: CoderConfig):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from interp import distributed
 from interp.sae.allocation import batch_topk, padded_code, select_above, update_ema
 from interp.sae.base import SelectContext
 from interp.sae.topk import TopKConfig, TopKSAE
@@ -40,6 +41,7 @@ class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
     config_class = BatchTopKConfig
     selects_over_batch = True
+    selects_across_ranks = True
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
@@ -51,6 +53,9 @@ class BatchTopKSAE(TopKSAE):
         if not self.training:
             return select_above(pre_bn, self.threshold)
         rows, cols, values = batch_topk(pre_bn, self.cfg.k * len(pre_bn))
-        if len(values):
-            update_ema(self.threshold, values.min(), self.cfg.threshold_rate, self.threshold_started)
+        # under data parallelism the smallest kept entry is the global batch's, the same on every rank
+        smallest = values.min() if len(values) else torch.tensor(float("inf"), device=pre_bn.device)
+        smallest = -distributed.max_over_ranks(-smallest)
+        if torch.isfinite(smallest):
+            update_ema(self.threshold, smallest, self.cfg.threshold_rate, self.threshold_started)
         return padded_code(rows, cols, values, len(pre_bn))

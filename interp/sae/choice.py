@@ -71,6 +71,8 @@ class FeatureChoiceConfig(MutualChoiceConfig):
 class MutualChoiceSAE(BatchTopKSAE):
     arch = "mutual_choice"
     config_class = MutualChoiceConfig
+    # its latent densities (for the auxiliary loss) would be each rank's own
+    selects_across_ranks = False
 
     def __init__(self, cfg: MutualChoiceConfig):
         super().__init__(cfg)
