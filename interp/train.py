@@ -181,11 +181,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         tensors, meta = read_checkpoint(self.run_dir / CHECKPOINT)
         self.restore(tensors, meta)
-        buffers = meta.get("buffers", [meta["buffer"]])
-        world = distributed.world_size() if self.data_parallel else 1
-        if len(buffers) != world:
-            raise BadInput(f"cannot resume: the checkpoint was written by {len(buffers)} data-parallel processes, this run has {world}")
-        self.buffer_state = BufferState(**buffers[distributed.rank() if self.data_parallel else 0])
+        self.buffer_state = buffer_position(meta, self.data_parallel)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Take the state `state()` returned (read back from a checkpoint)."""
@@ -351,6 +347,16 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def buffer_position(meta: dict, data_parallel: bool) -> BufferState:
+    """This process's buffer position in a checkpoint's metadata: under data parallelism each
+    rank's own (the checkpoint must come from as many processes as this run has)."""
+    buffers = meta.get("buffers", [meta["buffer"]])
+    world = distributed.world_size() if data_parallel else 1
+    if len(buffers) != world:
+        raise BadInput(f"cannot resume: the checkpoint was written by {len(buffers)} data-parallel processes, this run has {world}")
+    return BufferState(**buffers[distributed.rank() if data_parallel else 0])
+
+
 class TrainerGroup:
     """Several coders trained step by step on the same batches of one buffer: one forward pass of
     the model (or one read of a store) feeds them all. Each keeps its own optimiser, dead-latent
@@ -404,11 +410,7 @@ class TrainerGroup:
         for i, trainer in enumerate(self.trainers):
             prefix = f"{i}."
             trainer.restore({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["coders"][i])
-        buffers = meta.get("buffers", [meta["buffer"]])
-        world = distributed.world_size() if self.data_parallel else 1
-        if len(buffers) != world:
-            raise BadInput(f"cannot resume: the checkpoint was written by {len(buffers)} data-parallel processes, this run has {world}")
-        self.buffer_state = BufferState(**buffers[self.rank if self.data_parallel else 0])
+        self.buffer_state = buffer_position(meta, self.data_parallel)
 
     def run(self, resume: bool = False) -> list[TrainResult]:
         trainers, first = self.trainers, self.trainers[0]

@@ -36,6 +36,25 @@ def feature_notes(node: dict, features: dict[str, FeatureResults]) -> str:
     return "; ".join(parts)
 
 
+def _spread(cells: dict[tuple[int, float], list[str]]) -> dict[str, tuple[float, float]]:
+    """Node positions: each cell (column, row) holds its nodes, strongest first, spread across the column's width."""
+    return {node_id: (column - 0.35 + 0.7 * (slot + 0.5) / len(ids), row)
+            for (column, row), ids in cells.items() for slot, node_id in enumerate(ids)}
+
+
+def _add_edges(fig: go.Figure, edges: list[dict], placed: dict[str, tuple[float, float]], opacity: float, width: float) -> None:
+    """The edges between placed nodes as two line traces: positive (red) and negative (blue)."""
+    for sign, colour in ((1, f"rgba(200,60,40,{opacity})"), (-1, f"rgba(40,90,200,{opacity})")):
+        xs, ys = [], []
+        for edge in edges:
+            if edge["source"] in placed and edge["target"] in placed and (edge["weight"] > 0) == (sign > 0):
+                (x0, y0), (x1, y1) = placed[edge["source"]], placed[edge["target"]]
+                xs += [x0, x1, None]
+                ys += [y0, y1, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": width}, hoverinfo="skip",
+                                 name="positive edges" if sign > 0 else "negative edges"))
+
+
 def circuit_figure(result: dict, features: dict[str, FeatureResults] | None = None, max_nodes: int = 60) -> go.Figure:
     features = features or {}
     coders = [c["writes"] for c in result["coders"]]
@@ -46,20 +65,9 @@ def circuit_figure(result: dict, features: dict[str, FeatureResults] | None = No
     cells: dict[tuple[int, int], list[str]] = {}
     for node in nodes:
         cells.setdefault((coders.index(node["coder"]), groups.index(node["group"])), []).append(node["id"])
-    placed = {}
-    for (row, column), ids in cells.items():
-        for slot, node_id in enumerate(ids):  # strongest first, spread across the column's width
-            placed[node_id] = (column - 0.35 + 0.7 * (slot + 0.5) / len(ids), row)
+    placed = _spread({(column, row): ids for (row, column), ids in cells.items()})
     fig = go.Figure()
-    for sign, colour in ((1, "rgba(200,60,40,0.5)"), (-1, "rgba(40,90,200,0.5)")):
-        xs, ys = [], []
-        for edge in result["edges"]:
-            if edge["source"] in placed and edge["target"] in placed and (edge["weight"] > 0) == (sign > 0):
-                (x0, y0), (x1, y1) = placed[edge["source"]], placed[edge["target"]]
-                xs += [x0, x1, None]
-                ys += [y0, y1, None]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 1.5}, hoverinfo="skip",
-                                 name="positive edges" if sign > 0 else "negative edges"))
+    _add_edges(fig, result["edges"], placed, opacity=0.5, width=1.5)
     for kind, symbol in (("feature", "circle"), ("error", "square"), ("skip", "diamond")):
         chosen = [n for n in nodes if n["kind"] == kind]
         if not chosen:
@@ -134,21 +142,10 @@ def graph_figure(result: dict, features: dict[str, FeatureResults] | None = None
     cells: dict[tuple[int, float], list[str]] = {}
     for node in nodes:
         cells.setdefault((node["position"], row[node["id"]]), []).append(node["id"])
-    placed = {}
-    for (column, height), ids in cells.items():
-        for slot, node_id in enumerate(ids):
-            placed[node_id] = (column - 0.35 + 0.7 * (slot + 0.5) / len(ids), height)
+    placed = _spread(cells)
     biggest = max((n["influence"] for n in nodes if n["kind"] != "target"), default=1.0) or 1.0
     fig = go.Figure()
-    for sign, colour in ((1, "rgba(200,60,40,0.45)"), (-1, "rgba(40,90,200,0.45)")):
-        xs, ys = [], []
-        for edge in result["edges"]:
-            if edge["source"] in placed and edge["target"] in placed and (edge["weight"] > 0) == (sign > 0):
-                (x0, y0), (x1, y1) = placed[edge["source"]], placed[edge["target"]]
-                xs += [x0, x1, None]
-                ys += [y0, y1, None]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 1}, hoverinfo="skip",
-                                 name="positive edges" if sign > 0 else "negative edges"))
+    _add_edges(fig, result["edges"], placed, opacity=0.45, width=1)
     for kind, symbol in GRAPH_SYMBOLS.items():
         chosen = [n for n in nodes if n["kind"] == kind]
         if not chosen:
