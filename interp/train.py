@@ -154,9 +154,6 @@ class Trainer:
         self.buffer_state = BufferState()
         # Under torchrun, each rank holds a share of every batch (see interp.distributed).
         self.data_parallel = data_parallel and distributed.launched()
-        if self.data_parallel and coder.selects_over_batch and not coder.selects_across_ranks:
-            raise BadInput(f"{coder.arch} chooses latents over the whole batch with statistics interp does not yet gather across "
-                           "data-parallel processes: train it in one process, or with --distribute-hooks")
 
     # --- checkpoints -----------------------------------------------------------------------
 

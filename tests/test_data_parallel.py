@@ -2,8 +2,8 @@
 on its share of every global batch, and the result must equal training in one process on the
 global batches themselves (the two shares concatenated, built here from the same store), to
 float tolerance; a two-process run killed with SIGKILL must resume to the final weights of one
-never interrupted. BatchTopK chooses over the global batch as one process does; mutual and
-feature choice, whose statistics are not gathered across processes, are refused."""
+never interrupted. BatchTopK, mutual choice and feature choice choose over the global batch as
+one process does."""
 
 import os
 import signal
@@ -54,11 +54,12 @@ class GlobalBatches:
             yield {HOOK: torch.cat([p[HOOK] for p in parts])}
 
 
-# BatchTopK chooses over the global batch: every rank offers its largest entries and all take one
-# cut. Its choice is a cut through the whole batch, so rounding differences of the summed gradients
+# The batch-level coders choose over the global batch: every rank offers its largest entries and
+# all take one cut (feature choice: one per latent). Such a choice is a cut through the whole batch, so rounding differences of the summed gradients
 # (about 1e-8 after two steps) move an entry across it within a few more steps and the runs part:
 # it is compared over two steps, where a per-rank choice would already differ far beyond tolerance.
-@pytest.mark.parametrize(("arch", "steps", "port"), [("topk", 12, 29521), ("batchtopk", 2, 29526)])
+@pytest.mark.parametrize(("arch", "steps", "port"),
+                         [("topk", 12, 29521), ("batchtopk", 2, 29526), ("mutual_choice", 2, 29527), ("feature_choice", 2, 29528)])
 def test_two_processes_train_as_one_on_the_global_batch(store, tmp_path, arch, steps, port):
     done = torchrun("--activations", store, *SETTINGS, "--arch", arch, "--tokens", str(128 * steps), "--out", tmp_path / "dp", port=port)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -89,8 +90,3 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(store, tmp_path):
     full, again = load_sae(tmp_path / "full"), load_sae(tmp_path / "killed")
     for name, tensor in full.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
-
-
-def test_choice_coders_are_refused_under_data_parallelism(store, tmp_path):
-    done = torchrun("--activations", store, *SETTINGS, "--arch", "mutual_choice", "--tokens", "512", "--out", tmp_path / "b", port=29525)
-    assert done.returncode != 0 and "does not yet gather across" in done.stdout + done.stderr

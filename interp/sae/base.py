@@ -127,10 +127,6 @@ class SparseCoder(nn.Module):
     needs_grad: ClassVar[bool] = False
     """Whether training selects latents with the loss gradient (`SelectContext.grad`)."""
     trainable: ClassVar[bool] = True
-    selects_over_batch: ClassVar[bool] = False
-    """Whether the family chooses latents over the whole batch (BatchTopK and its kin), not per token."""
-    selects_across_ranks: ClassVar[bool] = False
-    """For such a family: whether its choice under data parallelism is over the global batch, as in one process."""
     """Whether interp's trainer can train the family (some are only read from other libraries)."""
 
     def __init__(self, cfg: CoderConfig):

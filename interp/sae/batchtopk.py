@@ -40,8 +40,6 @@ class BatchTopKConfig(TopKConfig):
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
     config_class = BatchTopKConfig
-    selects_over_batch = True
-    selects_across_ranks = True
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)

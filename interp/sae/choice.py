@@ -41,6 +41,11 @@ Choices where the paper leaves room (ours, and why):
   one threshold per feature (the m_i-th largest activation of feature i in the batch, clamped at
   0), each a moving average with rate `threshold_rate`. Feature i then fires on a token exactly
   when it would rank among its top-m_i in a typical batch.
+- Under data parallelism (each rank a share of the global batch) both choose over the global
+  batch, as one process does: mutual choice through BatchTopK's global cut, feature choice by
+  gathering each rank's top-m_i of every latent and taking the global m_i-th largest as the
+  latent's cut; the capacities are the global batch's and the densities count every rank's
+  firings over every rank's tokens, so the under-utilised mask is the same on every rank.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from interp import distributed
 from interp.sae.allocation import padded_code, select_above, update_ema
 from interp.sae.base import SelectContext
 from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
@@ -71,8 +77,6 @@ class FeatureChoiceConfig(MutualChoiceConfig):
 class MutualChoiceSAE(BatchTopKSAE):
     arch = "mutual_choice"
     config_class = MutualChoiceConfig
-    # its latent densities (for the auxiliary loss) would be each rank's own
-    selects_across_ranks = False
 
     def __init__(self, cfg: MutualChoiceConfig):
         super().__init__(cfg)
@@ -88,8 +92,8 @@ class MutualChoiceSAE(BatchTopKSAE):
     @torch.no_grad()
     def track_density(self, indices_bk: torch.Tensor) -> None:
         # Selected entries are all positive, so selection counts are firing counts.
-        fires = torch.bincount(indices_bk[indices_bk >= 0], minlength=self.cfg.n_latents)
-        update_ema(self.density, fires.float() / len(indices_bk), self.cfg.density_rate, self.density_started)
+        fires = distributed.sum_over_ranks(torch.bincount(indices_bk[indices_bk >= 0], minlength=self.cfg.n_latents).float())
+        update_ema(self.density, fires / global_tokens(len(indices_bk), fires.device), self.cfg.density_rate, self.density_started)
 
     def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx: SelectContext) -> torch.Tensor:
         if not self.training:
@@ -120,7 +124,7 @@ class FeatureChoiceSAE(MutualChoiceSAE):
     def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
             return select_above(pre_bn, self.threshold)
-        capacity_n = self.capacities(len(pre_bn))
+        capacity_n = self.capacities(global_tokens(len(pre_bn), pre_bn.device))
         rows, cols, thresholds = feature_choice(pre_bn, capacity_n)
         update_ema(self.threshold, thresholds, self.cfg.threshold_rate, self.threshold_started)
         indices_bk, pre_bk = padded_code(rows, cols, pre_bn[rows, cols], len(pre_bn))
@@ -153,25 +157,35 @@ def zipf_capacities(n_latents: int, budget: int, n_tokens: int, exponent: float)
 
 
 def feature_choice(pre_bn: torch.Tensor, capacity_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each latent i takes its top-capacity_n[i] tokens with positive pre-activation.
-    Returns (rows, cols) of the matches and each latent's smallest admitted value (>= 0).
+    """Each latent i takes its top-capacity_n[i] tokens with positive pre-activation (of the
+    global batch, under data parallelism: every rank offers its own top-capacity_n[i] and all take
+    the same cut). Returns (rows, cols) of the matches and each latent's smallest admitted value
+    (>= 0), its cut.
 
     Capacities are non-increasing in i, so latents are processed in groups whose capacities lie
     within a factor 2: one column-wise top-m per group instead of a full sort of every column."""
     rows, cols, thresholds = [], [], []
-    start, n = 0, pre_bn.shape[1]
+    start, (B, n) = 0, pre_bn.shape
     while start < n:
         m = int(capacity_n[start])
         stop = max(start + 1, int((capacity_n > m // 2).sum()))
-        top = pre_bn[:, start:stop].topk(m, dim=0)  # values sorted, (m, group)
-        cap_g = capacity_n[start:stop]
-        keep = (torch.arange(m, device=pre_bn.device)[:, None] < cap_g) & (top.values > 0)
-        rank, col = keep.nonzero(as_tuple=True)
-        rows.append(top.indices[rank, col])
+        block_bg = pre_bn[:, start:stop]
+        top_mg = torch.full((m, stop - start), float("-inf"), device=pre_bn.device, dtype=pre_bn.dtype)
+        top_mg[: min(m, B)] = block_bg.topk(min(m, B), dim=0).values  # sorted
+        if distributed.across_ranks():
+            top_mg = distributed.gather_rows(top_mg).topk(m, dim=0).values
+        cut_g = top_mg.gather(0, (capacity_n[start:stop] - 1)[None]).squeeze(0).clamp_min(0)
+        row, col = ((block_bg >= cut_g) & (block_bg > 0)).nonzero(as_tuple=True)
+        rows.append(row)
         cols.append(col + start)
-        thresholds.append(top.values.gather(0, (cap_g - 1)[None]).squeeze(0).clamp_min(0))
+        thresholds.append(cut_g)
         start = stop
     return torch.cat(rows), torch.cat(cols), torch.cat(thresholds)
+
+
+def global_tokens(n_tokens: int, device) -> int:
+    """The batch's token count, over every rank's share under data parallelism."""
+    return int(distributed.sum_over_ranks(torch.tensor(n_tokens, device=device)))
 
 
 def underused_by_zipf(density_n: torch.Tensor, factor: float) -> torch.Tensor:
