@@ -76,6 +76,11 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def total_over_ranks(count: int, device) -> int:
+    """A count (of tokens, of matches) summed over the ranks inside `batch_across_ranks`; `count` elsewhere."""
+    return int(sum_over_ranks(torch.tensor(count, device=device)))
+
+
 def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """`t`'s maximum over the ranks (in place) inside `batch_across_ranks`; `t` itself elsewhere."""
     if _across:

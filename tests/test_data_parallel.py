@@ -55,8 +55,8 @@ class GlobalBatches:
 
 
 # The batch-level coders choose over the global batch: every rank offers its largest entries and
-# all take one cut (feature choice: one per latent). Such a choice is a cut through the whole batch, so rounding differences of the summed gradients
-# (about 1e-8 after two steps) move an entry across it within a few more steps and the runs part:
+# all take one cut (feature choice: one per latent). Such a choice is a cut through the whole
+# batch, so rounding differences of the summed gradients (about 1e-8 after two steps) move an entry across it within a few more steps and the runs part:
 # it is compared over two steps, where a per-rank choice would already differ far beyond tolerance.
 @pytest.mark.parametrize(("arch", "steps", "port"),
                          [("topk", 12, 29521), ("batchtopk", 2, 29526), ("mutual_choice", 2, 29527), ("feature_choice", 2, 29528)])

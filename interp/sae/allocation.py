@@ -66,7 +66,7 @@ def _batch_topk_across_ranks(pre_bn: torch.Tensor, budget: int) -> tuple[torch.T
     share's own largest that many, so every rank offers those (padded to the same count), all
     ranks take the same cut from them all, and each keeps its entries at or above it. The same
     set as one process's top of the concatenated batch, ties at the cut aside."""
-    total = int(distributed.sum_over_ranks(torch.tensor(budget, device=pre_bn.device)))
+    total = distributed.total_over_ranks(budget, pre_bn.device)
     offered = pre_bn.flatten().topk(min(total, pre_bn.numel()), sorted=False).values
     padded = torch.full((total,), float("-inf"), device=pre_bn.device, dtype=pre_bn.dtype)
     padded[: len(offered)] = offered

@@ -93,7 +93,7 @@ class MutualChoiceSAE(BatchTopKSAE):
     def track_density(self, indices_bk: torch.Tensor) -> None:
         # Selected entries are all positive, so selection counts are firing counts.
         fires = distributed.sum_over_ranks(torch.bincount(indices_bk[indices_bk >= 0], minlength=self.cfg.n_latents).float())
-        update_ema(self.density, fires / global_tokens(len(indices_bk), fires.device), self.cfg.density_rate, self.density_started)
+        update_ema(self.density, fires / distributed.total_over_ranks(len(indices_bk), fires.device), self.cfg.density_rate, self.density_started)
 
     def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx: SelectContext) -> torch.Tensor:
         if not self.training:
@@ -124,7 +124,7 @@ class FeatureChoiceSAE(MutualChoiceSAE):
     def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
             return select_above(pre_bn, self.threshold)
-        capacity_n = self.capacities(global_tokens(len(pre_bn), pre_bn.device))
+        capacity_n = self.capacities(distributed.total_over_ranks(len(pre_bn), pre_bn.device))
         rows, cols, thresholds = feature_choice(pre_bn, capacity_n)
         update_ema(self.threshold, thresholds, self.cfg.threshold_rate, self.threshold_started)
         indices_bk, pre_bk = padded_code(rows, cols, pre_bn[rows, cols], len(pre_bn))
@@ -181,11 +181,6 @@ def feature_choice(pre_bn: torch.Tensor, capacity_n: torch.Tensor) -> tuple[torc
         thresholds.append(cut_g)
         start = stop
     return torch.cat(rows), torch.cat(cols), torch.cat(thresholds)
-
-
-def global_tokens(n_tokens: int, device) -> int:
-    """The batch's token count, over every rank's share under data parallelism."""
-    return int(distributed.sum_over_ranks(torch.tensor(n_tokens, device=device)))
 
 
 def underused_by_zipf(density_n: torch.Tensor, factor: float) -> torch.Tensor:
