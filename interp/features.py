@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -31,7 +32,7 @@ from interp.data import DataConfig
 from interp.errors import BadInput, NotFound, check_positive
 from interp.hooks import capture, check_coder_fits, output_hook
 from interp.run import coder_model
-from interp.sae.base import SparseCoder, check_latent
+from interp.sae.base import SparseCode, SparseCoder, check_latent
 
 FEATURES_DIR = "features"
 # Activations live in the coder's normalised units (inputs scaled to E||x||^2 = d): fixed log bins
@@ -55,10 +56,19 @@ class FeatureConfig:
     """Top and bottom logit-lens tokens kept per feature."""
     seed: int = 0
     """Seed of the random sample of firings."""
+    selection: str = "bfloat16"
+    """Precision of the dense encoder product that chooses each token's latents: bfloat16 (about 4x
+    faster on CPUs with bf16 instructions; activations are still computed exactly, but a latent
+    within rounding of the cut may be chosen in place of another) or float32 (`coder.encode`'s
+    choice exactly)."""
+    checkpoint_every: int = 100_000
+    """Tokens between checkpoints of the pass: a killed pass started again resumes from the last."""
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self):
-        for name in ("tokens", "top_k", "samples", "logit_tokens"):
+        if self.selection not in ("bfloat16", "float32"):
+            raise BadInput(f"selection must be 'bfloat16' or 'float32', not {self.selection!r}")
+        for name in ("tokens", "top_k", "samples", "logit_tokens", "checkpoint_every"):
             check_positive(name, getattr(self, name))
         for name in ("left", "right"):
             check_positive(name, getattr(self, name), zero_ok=True)
@@ -103,6 +113,11 @@ class FeatureResults:
     @property
     def max_n(self) -> torch.Tensor:
         return self.tensors["top_values_nk"][:, 0].clamp_min(0)
+
+    @property
+    def center_tokens_nk(self) -> torch.Tensor:
+        """The token each kept top context fired on (-1 in empty slots)."""
+        return self.tensors["top_tokens_nkw"][:, :, self.cfg.left].long()
 
     @property
     def has_logit_lens(self) -> bool:
@@ -175,13 +190,20 @@ def run_features(run_dir: str | Path, coder: SparseCoder, cfg: FeatureConfig, re
     none; then one pass as `cfg` says over the coder's model, saved there."""
     if (Path(run_dir) / FEATURES_DIR / "features.json").exists() and not recompute:
         return load_features(run_dir), True
-    results = collect_features(coder_model(coder, str(coder.W_dec.device)), coder, cfg, progress)
+    folder = Path(run_dir) / FEATURES_DIR
+    results = collect_features(coder_model(coder, str(coder.W_dec.device)), coder, cfg, progress, folder / "partial.safetensors")
     results.save(run_dir)
     return results, False
 
 
-def load_features(run_dir: str | Path) -> FeatureResults:
-    """Reload what `collect_features` saved in `run_dir`; needs neither the model nor the coder."""
+# Per-context tensors (features x slots x window): read row by row when loaded on demand.
+_CONTEXT_TENSORS = tuple(f"{kind}_{name}" for kind in ("top", "sample") for name in ("tokens_nkw", "acts_nkw"))
+
+
+def load_features(run_dir: str | Path, on_demand: bool = False) -> FeatureResults:
+    """Reload what `collect_features` saved in `run_dir`; needs neither the model nor the coder.
+    With `on_demand` the context windows (most of the bytes) stay on disk and each indexing reads
+    only the rows it asks for: what a server of 65k features needs."""
     folder = Path(run_dir) / FEATURES_DIR
     if not (folder / "features.json").exists() or not (folder / "features.safetensors").exists():
         raise NotFound(f"{run_dir} holds no feature results; run `interp features {run_dir}` first")
@@ -190,128 +212,228 @@ def load_features(run_dir: str | Path) -> FeatureResults:
     # Results saved before model_batch moved into DataConfig kept it here.
     data = {**cfg_data["data"], **({"model_batch": cfg_data.pop("model_batch")} if "model_batch" in cfg_data else {})}
     cfg = FeatureConfig(**{**cfg_data, "data": DataConfig(**data)})
-    return FeatureResults(cfg, meta["coder"], meta["n_tokens"], meta["vocab"], load_file(folder / "features.safetensors"))
+    path = folder / "features.safetensors"
+    if on_demand:
+        with safe_open(path, "pt") as f:
+            tensors = {k: _OnDisk(path, k) if k in _CONTEXT_TENSORS else f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors file, not a dict)
+    else:
+        tensors = load_file(path)
+    return FeatureResults(cfg, meta["coder"], meta["n_tokens"], meta["vocab"], tensors)
+
+
+class _OnDisk:
+    """One tensor of a safetensors file, indexed without loading it: `t[i]`, `t[:, :, j]`."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name = path, name
+
+    def __getitem__(self, key) -> torch.Tensor:
+        with safe_open(self.path, "pt") as f:
+            return f.get_slice(self.name)[key]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        with safe_open(self.path, "pt") as f:
+            return tuple(f.get_slice(self.name).get_shape())
 
 
 class _TopSlots:
-    """Per feature, the `k` firings with the largest keys so far, with their context windows."""
+    """Per feature, the `k` firings with the largest keys so far, with their context windows.
+
+    Offered firings that beat their feature's k-th key go to a pool with their windows; the pool is
+    merged into the slots (one sort) only when it holds as many entries as the slots do, so a
+    batch costs a comparison per firing and a window per entrant, and memory stays at most twice
+    the slots'. Entrants fall off quickly: after N firings of a feature only about k/N of the next
+    beat its k-th.
+    """
 
     def __init__(self, n_latents: int, k: int, window: int):
+        self.k = k
         self.keys_nk = torch.full((n_latents, k), float("-inf"))
         self.values_nk = torch.zeros(n_latents, k)
         self.tokens_nkw = torch.full((n_latents, k, window), -1, dtype=torch.int32)
         self.acts_nkw = torch.zeros(n_latents, k, window)
+        self._pool: list[tuple[torch.Tensor, ...]] = []
+        self._pooled = 0
 
     def offer(self, feature_e, key_e, value_e, window_fn) -> None:
         """Consider firings e (feature, key, value); `window_fn(selected)` cuts their windows."""
-        k = self.keys_nk.shape[1]
-        # Only firings that beat their feature's current k-th key can enter.
-        beats = key_e > self.keys_nk[feature_e, -1]
-        if not beats.any():
+        sel = (key_e > self.keys_nk[feature_e, -1]).nonzero().squeeze(1)
+        if len(sel) == 0:
             return
-        sel = beats.nonzero().squeeze(1)
-        # Rank within each feature by key, descending; keep the best k of the batch per feature.
-        order = key_e[sel].argsort(descending=True, stable=True)
-        order = order[feature_e[sel][order].argsort(stable=True)]
-        sel = sel[order]
-        feats = feature_e[sel]
-        group_start = torch.searchsorted(feats, feats, side="left")
-        rank = torch.arange(len(feats)) - group_start
-        sel, feats, rank = sel[rank < k], feats[rank < k], rank[rank < k]
-        rows = feats.unique()
-        slot = torch.searchsorted(rows, feats)
-        new_keys = torch.full((len(rows), k), float("-inf"))
-        new_keys[slot, rank] = key_e[sel]
-        best = torch.cat([self.keys_nk[rows], new_keys], 1).topk(k, dim=1).indices
-        # Windows are cut only for the firings that made it into the kept k: early in a pass
-        # most candidates do, later very few.
-        survives = torch.zeros(len(rows), 2 * k, dtype=torch.bool)
-        survives[torch.arange(len(rows))[:, None], best] = True
-        kept = survives[slot, k + rank]
-        tokens_ew, acts_ew = window_fn(sel[kept])
-        width = tokens_ew.shape[1]
-        new_values = torch.zeros(len(rows), k)
-        new_tokens = torch.full((len(rows), k, width), -1, dtype=torch.int32)
-        new_acts = torch.zeros(len(rows), k, width)
-        new_values[slot, rank] = value_e[sel]
-        new_tokens[slot[kept], rank[kept]] = tokens_ew
-        new_acts[slot[kept], rank[kept]] = acts_ew
-        self.keys_nk[rows] = torch.cat([self.keys_nk[rows], new_keys], 1).gather(1, best)
-        self.values_nk[rows] = torch.cat([self.values_nk[rows], new_values], 1).gather(1, best)
-        best_w = best[:, :, None].expand(-1, -1, width)
-        self.tokens_nkw[rows] = torch.cat([self.tokens_nkw[rows], new_tokens], 1).gather(1, best_w)
-        self.acts_nkw[rows] = torch.cat([self.acts_nkw[rows], new_acts], 1).gather(1, best_w)
+        self._pool.append((feature_e[sel], key_e[sel], value_e[sel], *window_fn(sel)))
+        self._pooled += len(sel)
+        if self._pooled >= self.keys_nk.numel():
+            self.merge()
+
+    def merge(self) -> None:
+        """Keep, per feature, the k largest keys among the slots and the pool."""
+        if not self._pool:
+            return
+        n, k = self.keys_nk.shape
+        feature_e, key_e, value_e, tokens_ew, acts_ew = (torch.cat(parts) for parts in zip(
+            (torch.arange(n).repeat_interleave(k), self.keys_nk.reshape(-1), self.values_nk.reshape(-1),
+             self.tokens_nkw.reshape(n * k, -1), self.acts_nkw.reshape(n * k, -1)), *self._pool))
+        self._pool, self._pooled = [], 0
+        # By feature, then by key descending; the rank within a feature is its slot.
+        order = key_e.argsort(descending=True, stable=True)
+        order = order[feature_e[order].argsort(stable=True)]
+        feature_e = feature_e[order]
+        first_n = torch.bincount(feature_e, minlength=n).cumsum(0) - torch.bincount(feature_e, minlength=n)
+        rank_e = torch.arange(len(order)) - first_n[feature_e]
+        kept = rank_e < k
+        order, feature_e, rank_e = order[kept], feature_e[kept], rank_e[kept]
+        self.keys_nk[feature_e, rank_e] = key_e[order]
+        self.values_nk[feature_e, rank_e] = value_e[order]
+        self.tokens_nkw[feature_e, rank_e] = tokens_ew[order]
+        self.acts_nkw[feature_e, rank_e] = acts_ew[order]
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        self.merge()
+        return {f"{prefix}_{name}": getattr(self, name) for name in ("keys_nk", "values_nk", "tokens_nkw", "acts_nkw")}
+
+    def load(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        for name in ("keys_nk", "values_nk", "tokens_nkw", "acts_nkw"):
+            getattr(self, name).copy_(tensors[f"{prefix}_{name}"])
 
 
-@torch.no_grad()
-def collect_features(model, coder: SparseCoder, cfg: FeatureConfig | None = None, progress: bool = True) -> FeatureResults:
-    """One pass over `cfg.tokens` tokens of `cfg.data`: contexts, samples, density, histograms;
-    then the logit lens of every feature."""
-    cfg = cfg or FeatureConfig()
-    check_coder_fits(model, coder)
-    coder.eval()
-    n, device = coder.cfg.n_latents, coder.W_dec.device
-    top = _TopSlots(n, cfg.top_k, cfg.window)
-    sample = _TopSlots(n, cfg.samples, cfg.window)
-    fires_n = torch.zeros(n, dtype=torch.long)
-    act_sum_n = torch.zeros(n, dtype=torch.float64)
-    n_bins = len(HIST_EDGES) - 1
-    hist_nb = torch.zeros(n * n_bins, dtype=torch.long)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    seen = 0
-    bar = tqdm(total=cfg.tokens, desc="features", unit="tok", disable=not progress)
-    for batch in cfg.data.batches(model.tokenizer, "train"):
-        if seen >= cfg.tokens:
-            break
-        acts_td = capture(model, batch.tokens_bt, [coder.cfg.hook], batch.mask_bt)[coder.cfg.hook].to(device)
-        code = coder.encode(acts_td)
+class FeaturePass:
+    """The running state of a feature pass: `feed` it each batch's tokens and code; its state is a
+    dict of tensors, so a long pass can be checkpointed and resumed where it stopped."""
+
+    def __init__(self, n_latents: int, cfg: FeatureConfig):
+        self.cfg, self.n = cfg, n_latents
+        self.top = _TopSlots(n_latents, cfg.top_k, cfg.window)
+        self.sample = _TopSlots(n_latents, cfg.samples, cfg.window)
+        self.fires_n = torch.zeros(n_latents, dtype=torch.long)
+        self.act_sum_n = torch.zeros(n_latents, dtype=torch.float64)
+        self.hist_nb = torch.zeros(n_latents, len(HIST_EDGES) - 1, dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.tokens = 0
+        self.batches = 0
+
+    def feed(self, tokens_bt: torch.Tensor, mask_bt: torch.Tensor, code: SparseCode) -> None:
+        """One batch: its tokens, which positions were encoded, and their code (tokens, k)."""
+        cfg, n = self.cfg, self.n
         indices_tk, values_tk = code.indices_bk.cpu(), code.values_bk.float().cpu()
-        b, s = batch.tokens_bt.shape
-        position_t = batch.mask_bt.reshape(-1).nonzero().squeeze(1)  # flat (sequence, position) of each token
-        # Per position of the batch, its code (BOS and padding hold none): windows read from here.
-        indices_pk = torch.full((b * s, indices_tk.shape[1]), -1, dtype=torch.long)
-        values_pk = torch.zeros(b * s, indices_tk.shape[1])
-        indices_pk[position_t], values_pk[position_t] = indices_tk, values_tk
+        s = tokens_bt.shape[1]
+        position_t = mask_bt.reshape(-1).nonzero().squeeze(1)  # flat (sequence, position) of each token
         on = (indices_tk >= 0) & (values_tk > 0)
         feature_e, value_e = indices_tk[on], values_tk[on]
         where_e = position_t[:, None].expand_as(indices_tk)[on]
-        fires_n += torch.bincount(feature_e, minlength=n)
-        act_sum_n += torch.bincount(feature_e, weights=value_e.double(), minlength=n)
+        self.fires_n += torch.bincount(feature_e, minlength=n)
+        self.act_sum_n += torch.bincount(feature_e, weights=value_e.double(), minlength=n)
+        n_bins = self.hist_nb.shape[1]
         bins_e = (torch.bucketize(value_e, HIST_EDGES) - 1).clamp(0, n_bins - 1)
-        hist_nb += torch.bincount(feature_e * n_bins + bins_e, minlength=n * n_bins)
+        self.hist_nb += torch.bincount(feature_e * n_bins + bins_e, minlength=n * n_bins).reshape(n, n_bins)
+        # Every firing of the batch keyed by (position, feature), sorted: a window's activations
+        # are looked up here.
+        lookup_e, order = (where_e * n + feature_e).sort()
+        lookup_values_e = value_e[order]
+        offsets_w = torch.arange(-cfg.left, cfg.right + 1)
+        flat_tokens = tokens_bt.reshape(-1)
 
-        def window_fn(sel, feature_e=feature_e, where_e=where_e, tokens_bt=batch.tokens_bt, s=s,
-                      indices_pk=indices_pk, values_pk=values_pk):
+        def window_fn(sel):
             where, feats = where_e[sel], feature_e[sel]
-            offsets = torch.arange(-cfg.left, cfg.right + 1)
-            pos_ew = (where % s)[:, None] + offsets
+            pos_ew = (where % s)[:, None] + offsets_w
             inside = (pos_ew >= 0) & (pos_ew < s)
             flat_ew = (where - where % s)[:, None] + pos_ew.clamp(0, s - 1)
-            tokens_ew = tokens_bt.reshape(-1)[flat_ew].masked_fill(~inside, -1).to(torch.int32)
-            match = indices_pk[flat_ew] == feats[:, None, None]
-            acts_ew = (values_pk[flat_ew] * match).sum(-1) * inside
+            tokens_ew = flat_tokens[flat_ew].masked_fill(~inside, -1).to(torch.int32)
+            query_ew = flat_ew * n + feats[:, None]
+            slot_ew = torch.searchsorted(lookup_e, query_ew).clamp(max=len(lookup_e) - 1)
+            acts_ew = lookup_values_e[slot_ew] * ((lookup_e[slot_ew] == query_ew) & inside)
             return tokens_ew, acts_ew
 
-        top.offer(feature_e, value_e, value_e, window_fn)
-        sample.offer(feature_e, torch.rand(len(feature_e), generator=generator), value_e, window_fn)
-        seen += len(acts_td)
-        bar.update(len(acts_td))
-    bar.close()
-    if seen == 0:
-        raise BadInput(f"the dataset {cfg.data.dataset!r} is too small for one batch of {cfg.data.model_batch} sequences")
-    tensors = {
-        "fires_n": fires_n, "act_sum_n": act_sum_n, "hist_nb": hist_nb.reshape(n, n_bins),
-        "top_values_nk": top.values_nk, "top_tokens_nkw": top.tokens_nkw, "top_acts_nkw": top.acts_nkw,
-        "sample_values_nk": sample.values_nk, "sample_tokens_nkw": sample.tokens_nkw, "sample_acts_nkw": sample.acts_nkw,
-    }
+        self.top.offer(feature_e, value_e, value_e, window_fn)
+        self.sample.offer(feature_e, torch.rand(len(feature_e), generator=self.generator), value_e, window_fn)
+        self.tokens += len(position_t)
+        self.batches += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            **self.top.state("top"), **self.sample.state("sample"), "fires_n": self.fires_n, "act_sum_n": self.act_sum_n,
+            "hist_nb": self.hist_nb, "generator": self.generator.get_state(),
+            "position": torch.tensor([self.tokens, self.batches]),
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.top.load("top", tensors)
+        self.sample.load("sample", tensors)
+        for name in ("fires_n", "act_sum_n", "hist_nb"):
+            getattr(self, name).copy_(tensors[name])
+        self.generator.set_state(tensors["generator"])
+        self.tokens, self.batches = tensors["position"].tolist()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the results keep (every kept context sorted by its key, largest first)."""
+        top, sample = self.top.state("top"), self.sample.state("sample")
+        return {
+            "fires_n": self.fires_n, "act_sum_n": self.act_sum_n, "hist_nb": self.hist_nb,
+            **{k: v for k, v in {**top, **sample}.items() if not k.endswith("keys_nk")},
+        }
+
+
+@torch.no_grad()
+def collect_features(model, coder: SparseCoder, cfg: FeatureConfig | None = None, progress: bool = True,
+                     checkpoint: str | Path | None = None) -> FeatureResults:
+    """One pass over `cfg.tokens` tokens of `cfg.data` (`stream_features`): contexts, samples,
+    density, histograms; then the logit lens of every feature."""
+    cfg = cfg or FeatureConfig()
+    state = stream_features(model, coder, cfg, progress, checkpoint)
+    tensors = state.tensors()
     lens = logit_lens(model, coder, cfg.logit_tokens)
     if lens is not None:
         tensors.update(lens)
-    coder_info = {
+    results = FeatureResults(cfg, coder_info(coder), state.tokens, token_strings(model), tensors)
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return results
+
+
+def coder_info(coder: SparseCoder) -> dict:
+    return {
         "arch": coder.arch, "hook": coder.cfg.hook, "target_hook": coder.cfg.target_hook,
-        "model": coder.cfg.model, "n_latents": n,
+        "model": coder.cfg.model, "n_latents": coder.cfg.n_latents,
     }
-    return FeatureResults(cfg, coder_info, seen, token_strings(model), tensors)
+
+
+@torch.no_grad()
+def stream_features(model, coder: SparseCoder, cfg: FeatureConfig, progress: bool = True,
+                    checkpoint: str | Path | None = None) -> FeaturePass:
+    """The streaming part of the pass: each batch through the model (stopped after the coder's
+    layer), the coder and a `FeaturePass`. With `checkpoint` (a file), the pass's state is written
+    there every `cfg.checkpoint_every` tokens, and a pass with the same settings started again
+    resumes from it."""
+    check_coder_fits(model, coder)
+    coder.eval()
+    state = FeaturePass(coder.cfg.n_latents, cfg)
+    # A checkpoint resumes only the same pass: the same settings over the same coder's weights.
+    weights = [float(t.double().sum()) for t in (coder.W_enc, coder.b_enc, coder.in_scale)]
+    identity = json.dumps({"config": asdict(cfg), "coder": coder_info(coder), "weights": weights}, sort_keys=True)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        with safe_open(checkpoint, "pt") as f:
+            if f.metadata().get("identity") == identity:
+                state.load({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (a safetensors file, not a dict)
+    select_dtype = getattr(torch, cfg.selection)
+    device = coder.W_dec.device
+    bar = tqdm(total=cfg.tokens, initial=state.tokens, desc="features", unit="tok", disable=not progress)
+    last_saved = state.tokens
+    for index, batch in enumerate(cfg.data.batches(model.tokenizer, "train")):
+        if state.tokens >= cfg.tokens:
+            break
+        if index < state.batches:
+            continue
+        acts_td = capture(model, batch.tokens_bt, [coder.cfg.hook], batch.mask_bt)[coder.cfg.hook].to(device)
+        state.feed(batch.tokens_bt, batch.mask_bt, coder.encode(acts_td, select_dtype=select_dtype))
+        bar.update(len(acts_td))
+        if checkpoint is not None and state.tokens - last_saved >= cfg.checkpoint_every and state.tokens < cfg.tokens:
+            write_tensors(checkpoint, state.state(), metadata={"identity": identity})
+            last_saved = state.tokens
+    bar.close()
+    if state.tokens == 0:
+        raise BadInput(f"the dataset {cfg.data.dataset!r} is too small for one batch of {cfg.data.model_batch} sequences")
+    return state
 
 
 def token_strings(model) -> list[str]:
@@ -400,10 +522,8 @@ def search_features(results: FeatureResults, query: str, limit: int = 20) -> lis
     needle = query.lower()
     matches_vocab = torch.tensor([needle in text.lower() for text in results.vocab] + [False])
     t = results.tensors
-    k = torch.arange(t["top_tokens_nkw"].shape[2]) == results.cfg.left
-    center_nk = t["top_tokens_nkw"][:, :, k].squeeze(2).long()
     # Token -1 (no context in that slot) indexes the trailing False.
-    context_hits = (matches_vocab[center_nk] & (t["top_values_nk"] > 0)).sum(1)
+    context_hits = (matches_vocab[results.center_tokens_nk] & (t["top_values_nk"] > 0)).sum(1)
     lens_hits = matches_vocab[t["lens_top_ids_nt"]].sum(1) if results.has_logit_lens else torch.zeros_like(context_hits)
     total = context_hits + lens_hits
     found = []

@@ -40,7 +40,7 @@ def test_dashboard_renders_in_chromium(tmp_path, tiny_model):
 
     index = dump_dom(page.as_uri(), tmp_path / "profile")
     assert 'data-rendered="index"' in index and "data-error" not in index
-    assert f'href="#f{feature}"' in index
+    assert f'href="#r0/f{feature}"' in index
 
     dom = dump_dom(f"{page.as_uri()}#f{feature}", tmp_path / "profile")
     assert f'data-rendered="feature-{feature}"' in dom and "data-error" not in dom

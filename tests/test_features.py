@@ -1,6 +1,7 @@
 """The feature pass against a brute-force recount, reloading without the model, logit lens,
 search, plots, the dashboard file, and the `features` / `steer` commands."""
 
+import json
 import re
 
 import pytest
@@ -9,7 +10,7 @@ from interp.cli.main import app
 from plotly.offline import get_plotlyjs
 from typer.testing import CliRunner
 
-from interp.dashboard import write_dashboard
+from interp.dashboard import parse_features, write_dashboard
 from interp.data import DataConfig, iter_texts, iter_token_batches
 from interp.features import (
     FeatureConfig,
@@ -28,7 +29,7 @@ from interp.plots import (
 )
 from interp.sae import create_coder
 
-CFG = FeatureConfig(tokens=2000, top_k=5, samples=8, left=4, right=2, data=DataConfig(context_size=32, model_batch=4))
+CFG = FeatureConfig(tokens=2000, top_k=5, samples=8, left=4, right=2, selection="float32", data=DataConfig(context_size=32, model_batch=4))
 
 
 def tiny_coder(hook="blocks.1.hook_resid_post", target_hook=None):
@@ -148,7 +149,17 @@ def test_dashboard_is_one_offline_file(tmp_path, collected):
     assert page.count(get_plotlyjs()) == 1
     assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*href=", page)  # nothing fetched at view time
     live = int((results.density_n > 0).sum())
-    assert page.count('"top_tokens"') == live
+    assert page.count('"quantiles"') == live  # one entry per feature that fired
+    # A subset for sharing: only the features named (those of them that fired), by range or density.
+    densest = results.density_n.argsort(descending=True)[:5].tolist()
+    for spec, chosen in (("0-9,20", [*range(10), 20]), ("top5", densest)):
+        data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', write_dashboard(
+            results, tmp_path / "part.html", parse_features(spec, results)).read_text()).group(1))["runs"][0]
+        expected = sorted(f for f in chosen if results.density_n[f] > 0)
+        assert data["ids"] == expected and sorted(map(int, data["features"])) == expected
+    for spec, message in (("5-200", "outside the coder's latents 0 to 95"), ("top0", "positive N"), ("a-b", "ids and ranges")):
+        with pytest.raises(ValueError, match=message):
+            parse_features(spec, results)
 
 
 def test_transcoder_features(tiny_model):
@@ -189,3 +200,74 @@ def test_cli_features_and_steer(tmp_path):
     ]:
         bad = interp(*args)
         assert bad.exit_code == 2 and message in bad.stderr, bad.output
+
+
+KILLED_PASS = """
+import sys
+from interp.data import DataConfig
+from interp.features import FeatureConfig, collect_features
+from interp.models import TINY_MODEL, load_model
+from interp.sae import load_sae
+cfg = FeatureConfig(tokens=int(sys.argv[3]), top_k=5, samples=8, checkpoint_every=600, data=DataConfig(context_size=32, model_batch=4))
+collect_features(load_model(TINY_MODEL), load_sae(sys.argv[1]), cfg, progress=False, checkpoint=sys.argv[2])
+"""
+
+
+def test_killed_pass_resumes_where_it_stopped(tmp_path, tiny_model, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from interp import features
+
+    coder = tiny_coder()
+    run = coder.save(tmp_path / "run")
+    checkpoint, tokens = tmp_path / "partial.safetensors", 30_000
+    process = subprocess.Popen([sys.executable, "-c", KILLED_PASS, str(run), str(checkpoint), str(tokens)])
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no cleanup runs
+    process.wait()
+    assert checkpoint.exists(), "the pass ended or failed before its first checkpoint"
+    cfg = FeatureConfig(tokens=tokens, top_k=5, samples=8, checkpoint_every=600, data=DataConfig(context_size=32, model_batch=4))
+    calls = []
+    counted = features.capture
+    monkeypatch.setattr(features, "capture", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    resumed = collect_features(tiny_model, coder, cfg, progress=False, checkpoint=checkpoint)
+    resumed_batches = len(calls)
+    monkeypatch.setattr(features, "capture", counted)
+    whole = collect_features(tiny_model, coder, cfg, progress=False)
+    # It went on from the checkpoint (fewer batches than the whole pass) to the same results.
+    assert resumed_batches < whole.n_tokens / cfg.data.tokens_per_batch - 1
+    assert resumed.n_tokens == whole.n_tokens
+    assert all(torch.equal(resumed.tensors[k], v) for k, v in whole.tensors.items())
+    assert not checkpoint.exists()
+    # A checkpoint of other settings is not resumed from.
+    features.write_tensors(checkpoint, features.FeaturePass(96, cfg).state(), metadata={"identity": "another pass"})
+    assert torch.equal(collect_features(tiny_model, coder, cfg, progress=False, checkpoint=checkpoint).tensors["fires_n"],
+                       whole.tensors["fires_n"])
+
+
+def test_bfloat16_selection_chooses_what_float32_does(tiny_model):
+    """TopK's selection from bfloat16 pre-activations is certified exact (tokens without the margin
+    are chosen again in float32); every family's activations are exact."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) * 3
+    for arch in ("topk", "batchtopk", "gradient"):
+        coder = create_coder(arch, d_in=64, n_latents=4096, k=8, hook="blocks.1.hook_resid_post").eval()
+        with torch.no_grad():
+            exact, fast = coder.encode(x), coder.encode(x, select_dtype=torch.bfloat16)
+        keep = fast.indices_bk >= 0
+        dense = torch.relu(coder.encoder_input(coder.normalized_input(x)) @ coder.W_enc.t() + coder.b_enc)
+        # Whatever is chosen carries its exact activation.
+        torch.testing.assert_close(fast.values_bk[keep], dense.gather(1, fast.indices_bk.clamp_min(0))[keep], rtol=1e-5, atol=1e-5)
+        if arch != "batchtopk":  # thresholds choose from the rounded values (documented)
+            assert torch.equal(exact.indices_bk.sort(1).values, fast.indices_bk.sort(1).values)
+    # With the margin forced away every token is chosen again in float32: still the same choice.
+    coder = create_coder("topk", d_in=64, n_latents=4096, k=8, hook="blocks.1.hook_resid_post").eval()
+    with torch.no_grad():
+        coder.b_enc.fill_(1e6)
+        coder.b_enc[:100] += torch.arange(100.0)  # ties far below bf16 resolution at 1e6
+        exact, fast = coder.encode(x), coder.encode(x, select_dtype=torch.bfloat16)
+    assert torch.equal(exact.indices_bk.sort(1).values, fast.indices_bk.sort(1).values)

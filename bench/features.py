@@ -1,0 +1,100 @@
+"""The feature pass against the bare forward pass stopped at the coder's layer, on the embedded
+model, in the same run over the same text: tokens/s of each and their ratio, for TopK coders of
+4,608 and 32,768 latents (k 32) on blocks.6.hook_resid_post. The issue's target: a ratio of at
+least 0.8. The pass is `interp.features.stream_features` as `interp features` runs it (model,
+encode, top contexts, samples, histograms, checkpoints); its fixed costs (the logit lens, once per
+coder, and the token strings) are printed apart. Untrained coders (the encoder starts as the
+decoder's transpose) fire spread over all latents, which is the bookkeeping's hard case; pass
+--run to time trained coders instead.
+
+    python bench/features.py [--tokens 100000] [--latents 4608 32768] [--run RUN_DIR ...]
+
+Then what `interp serve` does with the results: the index built once (its size) and a feature
+page's data read from disk; and the bfloat16 selection's agreement with float32 selection on one batch: the fraction of
+tokens whose chosen latents are the same set, and the fraction of firings kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from timing import timed
+
+from interp.dashboard import feature_data, index_data
+from interp.data import DataConfig
+from interp.features import (
+    FeatureConfig,
+    FeatureResults,
+    coder_info,
+    load_features,
+    logit_lens,
+    stream_features,
+    token_strings,
+)
+from interp.hooks import capture
+from interp.models import load_model
+from interp.sae import create_coder, load_sae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--latents", type=int, nargs="+", default=[4608, 32768])
+    parser.add_argument("--run", type=Path, nargs="*", default=[], help="trained coders to time instead of untrained ones")
+    parser.add_argument("--hook", default="blocks.6.hook_resid_post")
+    args = parser.parse_args()
+    model = load_model()
+    data = DataConfig()
+    coders = [load_sae(run) for run in args.run] or [
+        create_coder("topk", d_in=model.cfg.d_model, n_latents=n, k=32, hook=args.hook, model="smollm2-135m") for n in args.latents
+    ]
+    print(f"{args.tokens:,} tokens of the built-in corpus, batches of {data.model_batch} x {data.context_size}; torch threads {torch.get_num_threads()}")
+    for coder in coders:
+        bench_coder(model, data, coder, args.tokens)
+
+
+def bench_coder(model, data: DataConfig, coder, tokens: int) -> None:
+    hook = coder.cfg.hook
+    cfg = FeatureConfig(tokens=tokens, data=data)
+    batches = data.batches(model.tokenizer, "train")
+    first = next(batches)
+    capture(model, first.tokens_bt, [hook], first.mask_bt)
+
+    def forward():
+        done = 0
+        for batch in data.batches(model.tokenizer, "train"):
+            if done >= tokens:
+                return done
+            done += len(capture(model, batch.tokens_bt, [hook], batch.mask_bt)[hook])
+        return done
+
+    done, forward_s = timed(forward)
+    with tempfile.TemporaryDirectory() as scratch:
+        state, pass_s = timed(lambda: stream_features(model, coder, cfg, progress=False, checkpoint=Path(scratch) / "partial.safetensors"))
+        (lens, lens_s), (vocab, vocab_s) = timed(lambda: logit_lens(model, coder, cfg.logit_tokens)), timed(lambda: token_strings(model))
+        F, P = done / forward_s, state.tokens / pass_s
+        print(f"{coder.arch} {coder.cfg.n_latents:>6} latents: stopped forward {F:7.0f} tok/s, feature pass {P:7.0f} tok/s, "
+              f"ratio {P / F:.2f}; fixed costs: logit lens {lens_s:.1f} s, token strings {vocab_s:.1f} s")
+        # What `interp serve` answers from these results: the index once, each feature on demand.
+        FeatureResults(cfg, coder_info(coder), state.tokens, vocab, state.tensors() | (lens or {})).save(scratch)
+        served = load_features(scratch, on_demand=True)
+        index, index_s = timed(lambda: json.dumps(index_data(served)))
+        ids = served.density_n.argsort(descending=True)[:: max(1, coder.cfg.n_latents // 20)][:20].tolist()
+        _, pages_s = timed(lambda: [json.dumps(feature_data(served, f)) for f in ids])
+        print(f"  served: index of {len(json.loads(index)['ids']):,} features {len(index) / 1e6:.1f} MB built in {index_s:.2f} s; "
+              f"a feature page's data {pages_s / len(ids) * 1000:.0f} ms (mean of {len(ids)}, read from disk)")
+    with torch.no_grad():
+        x = capture(model, first.tokens_bt, [hook], first.mask_bt)[hook]
+        exact, fast = coder.eval().encode(x), coder.encode(x, select_dtype=torch.bfloat16)
+    same = (exact.indices_bk.sort(1).values == fast.indices_bk.sort(1).values).all(1).float().mean()
+    exact_set = {(t, int(f)) for t, row in enumerate(exact.indices_bk) for f in row if f >= 0}
+    kept = sum((t, int(f)) in exact_set for t, row in enumerate(fast.indices_bk) for f in row if f >= 0) / max(len(exact_set), 1)
+    print(f"  bfloat16 selection: {float(same):.3f} of tokens choose the same latents as float32, {kept:.4f} of firings kept")
+
+
+if __name__ == "__main__":
+    main()
