@@ -205,6 +205,8 @@ def load_features(run_dir: str | Path, on_demand: bool = False) -> FeatureResult
     With `on_demand` the context windows (most of the bytes) stay on disk and each indexing reads
     only the rows it asks for: what a server of 65k features needs."""
     folder = Path(run_dir) / FEATURES_DIR
+    if not Path(run_dir).is_dir():
+        raise NotFound(f"no such folder: {run_dir}")
     if not (folder / "features.json").exists() or not (folder / "features.safetensors").exists():
         raise NotFound(f"{run_dir} holds no feature results; run `interp features {run_dir}` first")
     meta = json.loads((folder / "features.json").read_text())

@@ -96,8 +96,11 @@ def test_results_reload_without_the_model(tmp_path, collected, tiny_model):
     assert all(torch.equal(loaded.tensors[k], v) for k, v in results.tensors.items())
     f = int(results.density_n.argmax())
     assert loaded.top_contexts(f) == results.top_contexts(f)
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no feature results"):
         load_features(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_features(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="out of range: the coder has 96 latents"):
         loaded.top_contexts(96)
 
@@ -271,3 +274,14 @@ def test_bfloat16_selection_chooses_what_float32_does(tiny_model):
         coder.b_enc[:100] += torch.arange(100.0)  # ties far below bf16 resolution at 1e6
         exact, fast = coder.encode(x), coder.encode(x, select_dtype=torch.bfloat16)
     assert torch.equal(exact.indices_bk.sort(1).values, fast.indices_bk.sort(1).values)
+
+
+def test_cli_dashboard_subset(tmp_path):
+    run = tiny_coder().save(tmp_path / "run")
+    made = interp("features", run, "--tokens", "600", "--context-size", "32", "--model-batch", "4",
+                  "--out", tmp_path / "share.html", "--features", "top10")
+    assert made.exit_code == 0 and "(10 features chosen)" in made.stdout, made.output
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', (tmp_path / "share.html").read_text()).group(1))
+    assert len(data["runs"][0]["features"]) == 10 and not (run / "dashboard.html").exists()
+    bad = interp("features", run, "--features", "90-100")
+    assert bad.exit_code == 2 and "outside the coder's latents 0 to 95" in bad.stderr, bad.output

@@ -192,3 +192,32 @@ def test_served_pages_in_chromium(served, tmp_path, tiny_model):
     dom = dump_dom(f"{base}#r0/f{densest}/steer/40/{urllib.parse.quote('Hello')}", tmp_path / "profile")
     assert f'data-rendered="steer-{densest}"' in dom and "data-error" not in dom, dom[-3000:]
     assert dom.count('class="gen"') == 4  # two samples, baseline and steered side by side
+
+
+def test_serve_command(served, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from interp.cli.main import app
+    from typer.testing import CliRunner
+
+    _, _, _, runs = served
+    bare = create_coder("topk", d_in=64, n_latents=16, k=2, hook="blocks.1.hook_resid_post", model="tiny-llama").save(tmp_path / "bare")
+    for args, message in ((["serve", str(bare)], "holds no feature results"), (["serve", str(tmp_path / "none")], "no such")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in result.stderr.lower(), result.output
+    # The installed command: it says where it listens, and answers there.
+    process = subprocess.Popen([str(Path(sys.executable).parent / "interp"), "serve", str(runs[1]), "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"http://[\d.]+:\d+/", line).group(0)
+        host, port = url[len("http://"):-1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("GET", "/api/runs")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())[0]["n_latents"] == 128
+        assert host == "127.0.0.1"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
