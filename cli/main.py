@@ -176,13 +176,15 @@ def features(
     given: Given,
     run_dir: RunDir,
     recompute: Annotated[bool, typer.Option(help="Run the feature pass again even if RUN_DIR/features holds results.")] = False,
-    html: Annotated[Path | None, typer.Option(help="Where to write the dashboard (default RUN_DIR/dashboard.html).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the self-contained dashboard (default RUN_DIR/dashboard.html).")] = None,
+    subset: Annotated[str | None, typer.Option("--features", help="Only these features in the dashboard file: ids and ranges (0-99,150) or the N densest (top100).")] = None,
     search: Annotated[str | None, typer.Option(help="Also print the features whose top tokens or logit-lens tokens contain this text.")] = None,
 ):
     """Collect each feature's top contexts, samples, density, histogram and logit lens (one pass, saved
-    in RUN_DIR/features), and write a self-contained HTML dashboard. Text options change the coder's
-    training data, which the pass reads by default."""
-    from interp.dashboard import DASHBOARD_FILE, write_dashboard
+    in RUN_DIR/features; a killed pass resumes when run again), and write a self-contained HTML
+    dashboard for sharing (`interp serve` explores every feature of large coders). Text options
+    change the coder's training data, which the pass reads by default."""
+    from interp.dashboard import DASHBOARD_FILE, parse_features, write_dashboard
     from interp.features import FEATURES_DIR, run_features, search_features
     from interp.run import saved_run_config
     from interp.sae import load_sae
@@ -195,8 +197,10 @@ def features(
     else:
         typer.echo(f"feature results for {results.n_tokens:,} tokens saved to {run_dir / FEATURES_DIR}")
     live = int((results.density_n > 0).sum())
-    path = write_dashboard(results, html or run_dir / DASHBOARD_FILE)
-    typer.echo(f"{live} of {results.n_latents} features fired; dashboard: {path}")
+    chosen = None if subset is None else parse_features(subset, results)
+    path = write_dashboard(results, out or run_dir / DASHBOARD_FILE, chosen)
+    shown = "" if chosen is None else f" ({len(chosen)} features chosen)"
+    typer.echo(f"{live} of {results.n_latents} features fired; dashboard{shown}: {path}")
     if search is not None:
         matches = search_features(results, search)
         typer.echo(f"features matching {search!r}:" if matches else f"no feature matches {search!r}")
@@ -218,7 +222,7 @@ def _side_by_side(left: str, right: str, width: int) -> list[str]:
 @user_errors
 @takes(config_options(SteerConfig), DEVICE)
 def steer(given: Given, run_dir: RunDir):
-    """Generate from a prompt with and without steering by features, and print both side by side."""
+    """Generate from prompts with and without steering by features (all prompts as one batch), and print both side by side."""
     from interp.hooks import output_hook
     from interp.run import coder_model
     from interp.sae import load_sae
@@ -227,16 +231,41 @@ def steer(given: Given, run_dir: RunDir):
     cfg = given.apply(SteerConfig())
     coder = load_sae(run_dir, device=given.apply(ModelConfig()).device)
     interventions = cfg.interventions(coder)
-    pair = compare_generations(coder_model(coder, str(coder.W_dec.device)), cfg.prompt, interventions, cfg.generate)
+    pairs = compare_generations(coder_model(coder, str(coder.W_dec.device)), cfg.prompts(), interventions, cfg.generate)
     width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
-    typer.echo(f"prompt: {cfg.prompt!r}; steering feature {cfg.describe()} at {output_hook(coder)}, positions {cfg.generate.positions}")
-    for i, (base, steered) in enumerate(zip(pair.baseline, pair.steered)):
-        seed = cfg.generate.seed + i
-        typer.echo(f"\n{'baseline (seed ' + str(seed) + ')':<{width}} │ steered (seed {seed})")
-        typer.echo("─" * width + "─┼─" + "─" * width)
-        for line in _side_by_side(base, steered, width):
-            typer.echo(line)
+    typer.echo(f"steering feature {cfg.describe()} at {output_hook(coder)}, positions {cfg.generate.positions}")
+    for pair in pairs:
+        typer.echo(f"\nprompt: {pair.prompt!r}")
+        for i, (base, steered) in enumerate(zip(pair.baseline, pair.steered)):
+            seed = cfg.generate.seed + i
+            typer.echo(f"\n{'baseline (seed ' + str(seed) + ')':<{width}} │ steered (seed {seed})")
+            typer.echo("─" * width + "─┼─" + "─" * width)
+            for line in _side_by_side(base, steered, width):
+                typer.echo(line)
 
+
+@app.command()
+@user_errors
+@takes(DEVICE)
+def serve(
+    given: Given,
+    run_dirs: Annotated[list[Path], typer.Argument(help="Coder folders with feature results (`interp features` writes them).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; the default serves this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8000,
+):
+    """Serve the dashboard of one or more coders from a local web server: every feature's page read
+    on demand, a prompt box that shows which features fire on each token, and a steering box."""
+    from interp.serve import Dashboard, make_server
+
+    dashboard = Dashboard.open(run_dirs, device=given.apply(ModelConfig()).device)
+    server = make_server(dashboard, host, port)
+    typer.echo(f"serving {len(dashboard.runs)} coder(s) at http://{server.server_address[0]}:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    finally:
+        server.server_close()
 
 
 Format = Annotated[str, typer.Option("--to", help="Format to write: interp, saelens or sparsify.")]

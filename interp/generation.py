@@ -15,12 +15,20 @@ whole sequences, as in any forward pass.
 shapes, so logits that tie to within rounding could break differently (the check's tolerance is
 that rounding); the tests find every token the same.
 
-Samples of one prompt run as one batch (the rows need no padding), each with its own generator
-seeded by its seed, so sample i is the same whether it is drawn alone or with others.
+Every sample of every prompt is one row of one batch, each row with its own generator seeded by
+its sample's seed, so sample i of a prompt is the same whether it is drawn alone or with others.
+Prompts of different lengths are left-padded to a common width; an attention mask keeps every
+row from attending to padding and each row's position ids count from its own BOS, so a row is
+decoded as if it were alone. The bridge hands both to the Hugging Face model (`attention_mask`
+as given, `position_ids` as a keyword it passes through), for full passes and cached steps
+alike; the padded batch is used only where `padding_exact` finds it gives each row's logits
+alone (else each prompt is its own batch), and the cache with padding only where
+`kv_cache_exact(model, padded=True)` does.
 
 Interventions that must know where they are in the sequence (steering at chosen positions) come
 as `during`, a context manager built from a `Window` that `decode` keeps current: before each
-forward pass, `start` is the absolute position of the pass's first column.
+forward pass, `start` is the batch column where the pass begins, and the window turns columns
+into each row's own positions.
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from interp.errors import BadInput
 
 log = logging.getLogger(__name__)
 
-# A fixed probe for the cache check: enough positions that a cache which drops earlier keys, or
-# offsets positions, changes the logits.
-_PROBE_PREFIX, _PROBE_STEPS = 5, 3
+# A fixed probe for the checks: enough positions that a cache which drops earlier keys, or
+# offsets positions, changes the logits; its second row is shorter by _PROBE_PAD, so in a batch
+# it is left-padded.
+_PROBE_PREFIX, _PROBE_STEPS, _PROBE_PAD = 5, 3, 2
 # Largest difference between cached and full-pass logits, relative to their scale, that the check
 # accepts: float rounding in a different order of operations (~1e-6 in float32) passes, a wrong
 # cache (differences of the order of the logits) does not.
@@ -48,12 +57,22 @@ _HALF_TOLERANCE = 3e-2
 
 @dataclass
 class Window:
-    """Where the pass now running sits in the sequence being decoded."""
+    """Where the pass now running sits in the sequences being decoded: a batch whose rows are
+    left-padded to a common width, each row's positions counted from its own BOS."""
 
-    prompt_len: int
-    """Tokens of the prompt (BOS included); positions from here on are generated."""
+    prompt_len_b: torch.Tensor | None = None
+    """(batch,) tokens of each row's prompt (BOS included); a row's positions from here on are generated. None: no prompt (a plain forward pass)."""
+    pad_b: torch.Tensor | None = None
+    """(batch,) padding columns at the left of each row. None: no row is padded."""
     start: int = 0
-    """Absolute position of the first column of the current forward pass."""
+    """Batch column where the current forward pass begins."""
+
+    def positions(self, batch: int, seq_len: int, device) -> torch.Tensor:
+        """(batch, seq_len) each column of the current pass as a position in its own row
+        (negative on padding)."""
+        cols = torch.arange(self.start, self.start + seq_len, device=device)
+        pad_b = torch.zeros(1, dtype=cols.dtype, device=device) if self.pad_b is None else self.pad_b.to(device)
+        return (cols[None] - pad_b[:, None]).expand(batch, seq_len)
 
 
 During = Callable[[Window], AbstractContextManager]
@@ -62,7 +81,7 @@ During = Callable[[Window], AbstractContextManager]
 
 def decode(
     model,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
     seeds: Sequence[int],
     temperature: float = 0.0,
@@ -70,34 +89,61 @@ def decode(
     stop_at_eos: bool = True,
     during: During | None = None,
     use_cache: bool | None = None,
-) -> list[list[int]]:
+) -> list[list[int]] | list[list[list[int]]]:
     """One continuation of `prompt_ids` per seed (token ids after the prompt; with `stop_at_eos`
-    each ends at, and includes, the first EOS token). `use_cache` None decides by the check."""
+    each ends at, and includes, the first EOS token). Given several prompts (a sequence of token
+    id sequences), one such list per prompt, all decoded as one batch. `use_cache` None decides
+    by the check."""
     if max_new_tokens < 1 or not seeds:
         raise BadInput("max_new_tokens and the number of samples must be at least 1")
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise BadInput(f"temperature must be >= 0 and top_k >= 1, got {temperature} and {top_k}")
-    if not prompt_ids:
-        raise BadInput("the prompt has no tokens")
-    cached = cache_usable(model) if use_cache is None else use_cache
-    log.debug("decoding %s", "with the key-value cache" if cached else "by full forward passes")
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    one = not prompt_ids or not isinstance(prompt_ids[0], (Sequence, torch.Tensor))
+    prompts = [list(prompt_ids)] if one else [list(p.tolist() if isinstance(p, torch.Tensor) else p) for p in prompt_ids]
+    if not prompts or not all(prompts):
+        raise BadInput("the prompt has no tokens" if one else "every prompt needs tokens, and there must be at least one")
+    padded = len({len(p) for p in prompts}) > 1
+    if padded and not padding_exact(model):
+        log.warning(
+            "this model's logits change when a batch is left-padded with an attention mask; decoding each prompt as its own batch"
+        )
+        return [decode(model, p, max_new_tokens, seeds, temperature, top_k, stop_at_eos, during, use_cache) for p in prompts]
+    cached = cache_usable(model, padded) if use_cache is None else use_cache
+    log.debug("decoding %d prompt(s) %s", len(prompts), "with the key-value cache" if cached else "by full forward passes")
+    rows = _decode_rows(model, prompts, max_new_tokens, seeds, temperature, top_k, stop_at_eos, during, cached)
+    by_prompt = [rows[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(prompts))]
+    return by_prompt[0] if one else by_prompt
+
+
+def _decode_rows(model, prompts: list[list[int]], max_new_tokens: int, seeds: Sequence[int], temperature: float,
+                 top_k: int | None, stop_at_eos: bool, during: During | None, cached: bool) -> list[list[int]]:
+    """The continuation of every row, a row per (prompt, seed), prompt-major."""
     device = model.cfg.device
-    tokens = torch.tensor([list(prompt_ids)] * len(seeds), device=device)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    window = Window(prompt_len=tokens.shape[1])
+    width = max(len(p) for p in prompts)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    rows = [p for p in prompts for _ in seeds]
+    tokens_bt = torch.tensor([[pad_id] * (width - len(p)) + p for p in rows], device=device)
+    pad_b = torch.tensor([width - len(p) for p in rows], device=device)
+    mask_bt = (torch.arange(width, device=device)[None] >= pad_b[:, None]).long()
+    pos_bt = (torch.arange(width, device=device)[None] - pad_b[:, None]).clamp_min(0)
+    generators = [torch.Generator().manual_seed(int(s)) for _ in prompts for s in seeds]
+    window = Window(prompt_len_b=torch.tensor([len(p) for p in rows], device=device), pad_b=pad_b)
     eos = model.tokenizer.eos_token_id if stop_at_eos else None
-    done = [False] * len(seeds)
-    out: list[list[int]] = [[] for _ in seeds]
+    done = [False] * len(rows)
+    out: list[list[int]] = [[] for _ in rows]
     cache = None
     with torch.no_grad(), during(window) if during else nullcontext():
         for _ in range(max_new_tokens):
             if cached:
-                window.start = 0 if cache is None else tokens.shape[1] - 1
-                step_in = tokens if cache is None else tokens[:, -1:]
-                logits, cache = model(step_in, return_type="logits_and_cache", use_cache=True, past_key_values=cache)
+                window.start = 0 if cache is None else tokens_bt.shape[1] - 1
+                step = slice(window.start, None)
+                logits, cache = model(tokens_bt[:, step], return_type="logits_and_cache", use_cache=True, past_key_values=cache,
+                                      attention_mask=mask_bt, position_ids=pos_bt[:, step])
             else:
                 window.start = 0
-                logits = model(tokens)
+                logits = model(tokens_bt, attention_mask=mask_bt, position_ids=pos_bt)
             next_ids = sample_next(logits[:, -1].float(), temperature, top_k, generators)
             for row, token in enumerate(next_ids.tolist()):
                 if not done[row]:
@@ -105,7 +151,9 @@ def decode(
                     done[row] = token == eos
             if all(done):
                 break
-            tokens = torch.cat([tokens, next_ids.to(device)[:, None]], dim=1)
+            tokens_bt = torch.cat([tokens_bt, next_ids.to(device)[:, None]], dim=1)
+            mask_bt = torch.cat([mask_bt, torch.ones_like(mask_bt[:, -1:])], dim=1)
+            pos_bt = torch.cat([pos_bt, pos_bt[:, -1:] + 1], dim=1)
     return out
 
 
@@ -124,16 +172,18 @@ def sample_next(
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
-def cache_usable(model) -> bool:
-    """Whether `decode` may use the key-value cache: no hooks of anyone else's are on the model
-    (they expect whole sequences) and the cache gives the logits of full forward passes."""
+def cache_usable(model, padded: bool = False) -> bool:
+    """Whether `decode` may use the key-value cache (for a left-padded batch if `padded`): no hooks
+    of anyone else's are on the model (they expect whole sequences) and the cache gives the logits
+    of full forward passes."""
     if foreign_hooks(model):
         log.debug("hooks are active on the model: decoding by full forward passes")
         return False
-    if not kv_cache_exact(model):
+    if not kv_cache_exact(model, padded):
         log.warning(
-            "this model's key-value-cached decoding disagrees with full forward passes (a transformers or "
-            "TransformerLens version interp was not tested with?); decoding by full forward passes, which is slower"
+            "this model's key-value-cached decoding%s disagrees with full forward passes (a transformers or "
+            "TransformerLens version interp was not tested with?); decoding by full forward passes, which is slower",
+            " of a padded batch" if padded else "",
         )
         return False
     return True
@@ -144,21 +194,52 @@ def foreign_hooks(model) -> bool:
     return any(point.fwd_hooks for point in {id(p): p for p in model.hook_dict.values()}.values())
 
 
-@torch.no_grad()
-def kv_cache_exact(model) -> bool:
-    """Decode a fixed probe twice, by full forward passes and by the bridge's key-value cache, and
-    compare the logits of every cached step with those of the full pass at the same position."""
-    vocab = model.cfg.d_vocab
-    probe = torch.arange(1, _PROBE_PREFIX + _PROBE_STEPS + 1, device=model.cfg.device)[None] * 7919 % vocab
-    full = model(probe)
-    tolerance = _CACHE_TOLERANCE.get(full.dtype, _HALF_TOLERANCE)
-    full = full.float()
-    logits, cache = model(probe[:, :_PROBE_PREFIX], return_type="logits_and_cache", use_cache=True)
-    steps = [logits[:, -1].float()]
-    for pos in range(_PROBE_PREFIX, _PROBE_PREFIX + _PROBE_STEPS):
-        logits, cache = model(probe[:, pos : pos + 1], return_type="logits_and_cache", past_key_values=cache)
-        steps.append(logits[:, -1].float())
-    cached = torch.stack(steps, dim=1)
-    reference = full[:, _PROBE_PREFIX - 1 :]
+def _probe(model, padded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(tokens, attention mask, position ids) of the probe batch, and each row's full-pass logits
+    when the model reads that row alone, unpadded. With `padded` a second, shorter row is added,
+    left-padded."""
+    vocab, device = model.cfg.d_vocab, model.cfg.device
+    n = _PROBE_PREFIX + _PROBE_STEPS
+    rows = [torch.arange(1, n + 1, device=device) * 7919 % vocab]
+    if padded:
+        rows.append(torch.arange(1, n - _PROBE_PAD + 1, device=device) * 104729 % vocab)
+    pad_b = torch.tensor([n - len(r) for r in rows], device=device)
+    tokens_bt = torch.stack([torch.cat([r.new_zeros(n - len(r)), r]) for r in rows])
+    cols = torch.arange(n, device=device)[None]
+    alone = [model(r[None])[0] for r in rows]
+    return tokens_bt, (cols >= pad_b[:, None]).long(), (cols - pad_b[:, None]).clamp_min(0), alone
+
+
+def _agrees(got_bsv: torch.Tensor, alone: list[torch.Tensor]) -> bool:
+    """Whether each row's last len(got) positions of logits are those of the row read alone."""
+    reference = torch.stack([a[-got_bsv.shape[1] :] for a in alone]).float()
+    tolerance = _CACHE_TOLERANCE.get(alone[0].dtype, _HALF_TOLERANCE)
     scale = reference.abs().max().clamp_min(1.0)
-    return bool(((cached - reference).abs().max() / scale) <= tolerance)
+    return bool(((got_bsv.float() - reference).abs().max() / scale) <= tolerance)
+
+
+@torch.no_grad()
+def padding_exact(model) -> bool:
+    """Read a fixed probe batch with one row left-padded, under the attention mask and each row's
+    own position ids, and compare every row's logits on its real tokens with those of the row
+    read alone."""
+    tokens_bt, mask_bt, pos_bt, alone = _probe(model, padded=True)
+    logits = model(tokens_bt, attention_mask=mask_bt, position_ids=pos_bt)
+    return all(_agrees(logits[row : row + 1, -len(a) :], [a]) for row, a in enumerate(alone))
+
+
+@torch.no_grad()
+def kv_cache_exact(model, padded: bool = False) -> bool:
+    """Decode a fixed probe twice, by full forward passes and by the bridge's key-value cache, and
+    compare the logits of every cached step with those of the full pass at the same position.
+    With `padded` the probe is a batch with a left-padded row, decoded under the attention mask
+    and each row's own position ids as `decode` does, each row compared with itself alone."""
+    tokens_bt, mask_bt, pos_bt, alone = _probe(model, padded)
+    logits, cache = model(tokens_bt[:, :_PROBE_PREFIX], return_type="logits_and_cache", use_cache=True,
+                          attention_mask=mask_bt[:, :_PROBE_PREFIX], position_ids=pos_bt[:, :_PROBE_PREFIX])
+    steps = [logits[:, -1]]
+    for col in range(_PROBE_PREFIX, _PROBE_PREFIX + _PROBE_STEPS):
+        logits, cache = model(tokens_bt[:, col : col + 1], return_type="logits_and_cache", past_key_values=cache,
+                              attention_mask=mask_bt[:, : col + 1], position_ids=pos_bt[:, col : col + 1])
+        steps.append(logits[:, -1])
+    return _agrees(torch.stack(steps, dim=1), alone)

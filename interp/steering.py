@@ -12,10 +12,15 @@ Units: a feature's strength, clamp value and activation are all in the coder's a
 decoder would add if the feature fired at s. A raw direction is added as given, times strength.
 
 Positions: "all", "new" (the generated tokens only: a generation's business, so `generate` and
-`compare_generations` take it) or a list of absolute positions. While generating, the decoder in
-interp.generation tells the hooks where each forward pass starts, so positions mean the same with
-the key-value cache as without. `steer` edits forward passes over whole sequences. Position 0 is
-never edited: it is the BOS token, an attention sink that the coders were not trained on.
+`compare_generations` take it) or a list of absolute positions. Positions are each sequence's
+own, counted from its BOS: when several prompts of different lengths are generated as one
+left-padded batch, "new" is each row's generated tokens, a listed position is that row's position,
+and padding is never edited. While generating, the decoder in interp.generation tells the hooks
+where each forward pass starts, so positions mean the same with the key-value cache as without.
+`steer` edits forward passes over whole, unpadded sequences. Position 0 is never edited: it is the
+BOS token, an attention sink that the coders were not trained on.
+
+    pairs = compare_generations(model, ["The weather today", "Once upon a time"], [add_feature(coder, 123, 8.0)])
 """
 
 from __future__ import annotations
@@ -135,16 +140,17 @@ def check_positions(positions: Positions, generating: bool) -> Positions:
     return list(positions)
 
 
-def _position_mask(positions: Positions, window: Window, seq_len: int, device) -> torch.Tensor:
-    """(seq_len,) bool: which columns of the pass now running get edited; never position 0 (BOS)."""
-    pos = torch.arange(window.start, window.start + seq_len, device=device)
+def _position_mask(positions: Positions, window: Window, batch: int, seq_len: int, device) -> torch.Tensor:
+    """(batch, seq_len) bool: which columns of the pass now running get edited, by each row's
+    own positions; never a row's position 0 (BOS), never padding."""
+    pos_bs = window.positions(batch, seq_len, device)
     if positions == "all":
-        keep = torch.ones_like(pos, dtype=torch.bool)
+        keep_bs = torch.ones_like(pos_bs, dtype=torch.bool)
     elif positions == "new":
-        keep = pos >= window.prompt_len
+        keep_bs = pos_bs >= window.prompt_len_b.to(device)[:, None]
     else:
-        keep = torch.isin(pos, torch.tensor(positions, device=device, dtype=pos.dtype))
-    return keep & (pos > 0)
+        keep_bs = torch.isin(pos_bs, torch.tensor(positions, device=device, dtype=pos_bs.dtype))
+    return keep_bs & (pos_bs > 0)
 
 
 def check_interventions(model, interventions: Sequence[Intervention]) -> None:
@@ -174,7 +180,7 @@ def applied(model, interventions: Sequence[Intervention], positions: Positions, 
     coders = [edits[0].coder for edits in edits_by_coder.values()]
 
     def where(b: int, s: int, device) -> torch.Tensor:
-        return _position_mask(positions, window, s, device)
+        return _position_mask(positions, window, b, s, device)
 
     def edit(coder: SparseCoder, code: SparseCode) -> SparseCode:
         return _edited(code, edits_by_coder[id(coder)])
@@ -185,19 +191,19 @@ def applied(model, interventions: Sequence[Intervention], positions: Positions, 
 
 @contextmanager
 def steer(model, *interventions: Intervention, positions: Positions = "all") -> Iterator[None]:
-    """Apply `interventions` to every forward pass of `model` inside the block, each pass a whole
-    sequence from position 0. To steer a generation, pass them to `generate` instead."""
+    """Apply `interventions` to every forward pass of `model` inside the block, each pass whole,
+    unpadded sequences from position 0. To steer a generation, pass them to `generate` instead."""
     positions = check_positions(positions, generating=False)
     check_interventions(model, interventions)
-    with applied(model, interventions, positions, Window(prompt_len=0)):
+    with applied(model, interventions, positions, Window()):
         yield
 
 
 def _add_hook(add: AddDirection, positions: Positions, window: Window):
     def hook_fn(act, hook):
-        keep = _position_mask(positions, window, act.shape[1], act.device)
+        keep_bs = _position_mask(positions, window, act.shape[0], act.shape[1], act.device)
         delta = (add.strength * add.direction_d.to(act.device, act.dtype)).reshape(act.shape[2:])
-        return act + keep.view(1, -1, *([1] * (act.dim() - 2))) * delta
+        return act + keep_bs.view(*keep_bs.shape, *([1] * (act.dim() - 2))) * delta
 
     return hook_fn
 
@@ -239,7 +245,7 @@ class GenerateConfig:
     seed: int = 0
     """Seed of the first sample."""
     positions: list[int] | str = field(default="all", metadata={"parse": parse_positions})
-    """Where to steer: 'all', 'new' (generated tokens only) or comma-separated positions (BOS is never steered)."""
+    """Where to steer: 'all', 'new' (generated tokens only) or comma-separated positions, counted in each prompt from its BOS (never steered)."""
     stop_at_eos: bool = True
     """End a continuation at the tokenizer's end-of-sequence token (kept as its last token)."""
 
@@ -249,36 +255,54 @@ class GenerateConfig:
         check_finite("temperature", self.temperature)
 
 
-def generate(model, prompt: str, cfg: GenerateConfig | None = None, interventions: Sequence[Intervention] = ()) -> list[list[int]]:
+def generate(
+    model, prompt: str | Sequence[str], cfg: GenerateConfig | None = None, interventions: Sequence[Intervention] = ()
+) -> list[list[int]] | list[list[list[int]]]:
     """Token ids of `cfg.samples` continuations of `prompt` (sample i drawn with seed + i), with
     `interventions` applied at `cfg.positions`: exactly what a loop of full forward passes under
-    the same interventions would produce (see interp.generation)."""
+    the same interventions would produce (see interp.generation). Given a list of prompts, one
+    such list per prompt, all generated as one batch (left-padded, each row at its own positions)."""
     cfg = cfg or GenerateConfig()
     positions = check_positions(cfg.positions, generating=True)
     check_interventions(model, interventions)
+    prompts = _prompts(prompt)
     during = (lambda window: applied(model, interventions, positions, window)) if interventions else None
-    return decode(
-        model, model.to_tokens(prompt)[0].tolist(), cfg.max_new_tokens, [cfg.seed + i for i in range(cfg.samples)],
+    out = decode(
+        model, [model.to_tokens(p)[0].tolist() for p in prompts], cfg.max_new_tokens, [cfg.seed + i for i in range(cfg.samples)],
         temperature=cfg.temperature, top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos, during=during,
     )
+    return out[0] if isinstance(prompt, str) else out
+
+
+def _prompts(prompt: str | Sequence[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise BadInput(f"give a prompt or a list of prompts (strings), got {prompt!r}")
+    return prompts
 
 
 def compare_generations(
-    model, prompt: str, interventions: Sequence[Intervention], cfg: GenerateConfig | None = None
-) -> GenerationPair:
+    model, prompt: str | Sequence[str], interventions: Sequence[Intervention], cfg: GenerateConfig | None = None
+) -> GenerationPair | list[GenerationPair]:
     """Baseline and steered continuations of `prompt`, sample by sample with the same seed, so
-    any difference comes from the steering."""
+    any difference comes from the steering. Given a list of prompts, one pair per prompt (each
+    side one batch of them all)."""
     cfg = cfg or GenerateConfig()
-    baseline = generate(model, prompt, cfg)
-    steered = generate(model, prompt, cfg, interventions)
+    prompts = _prompts(prompt)
+    baseline = generate(model, prompts, cfg)
+    steered = generate(model, prompts, cfg, interventions)
     decode_text = model.tokenizer.decode
-    return GenerationPair(prompt, [decode_text(t) for t in baseline], [decode_text(t) for t in steered], baseline, steered)
+    pairs = [
+        GenerationPair(p, [decode_text(t) for t in base], [decode_text(t) for t in edited], base, edited)
+        for p, base, edited in zip(prompts, baseline, steered)
+    ]
+    return pairs[0] if isinstance(prompt, str) else pairs
 
 
 @dataclass
 class SteerConfig:
-    prompt: str = ""
-    """Text to continue."""
+    prompt: list[str] = field(default_factory=list)
+    """Text to continue; repeat for several prompts, generated as one batch (none: continue from BOS alone)."""
     feature: list[int] = field(default_factory=list)
     """Feature to steer with; repeat for several."""
     strength: list[float] | None = None
@@ -290,6 +314,10 @@ class SteerConfig:
     ablate: bool = False
     """Remove the features' contributions through the coder (its error kept)."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def prompts(self) -> list[str]:
+        """The prompts to continue (the empty prompt if none was given)."""
+        return ([self.prompt] if isinstance(self.prompt, str) else list(self.prompt)) or [""]
 
     def interventions(self, coder: SparseCoder) -> list[Intervention]:
         """One intervention per feature, of the one kind the settings name."""

@@ -2,13 +2,18 @@
 forward passes written here, and the Hugging Face model's own `generate` on the same weights (a
 copy the bridge never wrapped, with steering done by a plain torch hook on its decoder layer).
 Each runs with the key-value cache forced on, forced off, and chosen by the check; a broken cache
-(the transformers 5.24 failure) must be detected and routed around."""
+(the transformers 5.24 failure) must be detected and routed around. Prompts of different lengths
+decoded as one left-padded batch must give each prompt's tokens decoded alone by the reference
+loop, steered or not; a batch whose padding leaks must be detected and decoded prompt by prompt."""
 
 import pytest
 import torch
+from transformer_lens.model_bridge.generalized_components.attention import (
+    AttentionBridge,
+)
 from transformers.cache_utils import DynamicCache
 
-from interp.generation import cache_usable, decode, kv_cache_exact
+from interp.generation import cache_usable, decode, kv_cache_exact, padding_exact
 from interp.models import load_hf
 from interp.sae import create_coder
 from interp.steering import (
@@ -173,6 +178,61 @@ def test_a_broken_cache_is_detected_and_avoided(tiny_model, monkeypatch):
     expected = [reference_decode(tiny_model, ids, cfg, 0)]
     assert decode(tiny_model, ids, 10, [0], use_cache=True) != expected, "the injected fault should break cached decoding"
     assert generate(tiny_model, PROMPTS[2], cfg) == expected
+    assert not kv_cache_exact(tiny_model, padded=True)
+    assert generate(tiny_model, PROMPTS, cfg) == [[reference_decode(tiny_model, tiny_model.to_tokens(p)[0].tolist(), cfg, 0)] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("use_cache", [True, False, None])
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.1, "top_k": 20}, {"temperature": 0.3}])
+def test_prompts_of_different_lengths_decode_as_one_batch(tiny_model, use_cache, sampling):
+    """3, 34 and 84 tokens in one batch: each row left-padded, each prompt's samples those of the
+    prompt decoded alone by the reference loop."""
+    cfg = GenerateConfig(max_new_tokens=12, samples=2, seed=5, stop_at_eos=False, **sampling)
+    seeds = [cfg.seed + i for i in range(cfg.samples)]
+    ids = [tiny_model.to_tokens(p)[0].tolist() for p in PROMPTS]
+    assert len({len(i) for i in ids}) == len(PROMPTS)
+    got = decode(tiny_model, ids, cfg.max_new_tokens, seeds, cfg.temperature, cfg.top_k, stop_at_eos=False, use_cache=use_cache)
+    assert got == [[reference_decode(tiny_model, i, cfg, s) for s in seeds] for i in ids]
+    if use_cache is None:
+        assert generate(tiny_model, PROMPTS, cfg) == got
+        assert generate(tiny_model, PROMPTS[:1], cfg) == [generate(tiny_model, PROMPTS[0], cfg)] == got[:1]
+
+
+@pytest.mark.parametrize("positions", ["all", "new", "list"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_steered_prompts_of_different_lengths_decode_as_one_batch(tiny_model, positions, use_cache):
+    """Steering a left-padded batch edits each row at its own positions: "new" its own generated
+    tokens, a listed position counted from its own BOS (here 5 is generated for the 3-token
+    prompt and in the prompt of the others, 40 generated only for the 34-token one)."""
+    coder = tiny_sae()
+    interventions = [add_feature(coder, 5, 80.0), ablate(coder, 9)]
+    where = [1, 2, 5, 40, 90] if positions == "list" else positions
+    cfg = GenerateConfig(max_new_tokens=10, samples=2, seed=1, temperature=0.1, positions=where, stop_at_eos=False)
+    ids = [tiny_model.to_tokens(p)[0].tolist() for p in PROMPTS]
+    expected = [[reference_decode(tiny_model, i, cfg, cfg.seed + s, interventions) for s in range(cfg.samples)] for i in ids]
+    if use_cache:
+        assert cache_usable(tiny_model, padded=True)
+        assert generate(tiny_model, PROMPTS, cfg, interventions) == expected
+    else:
+        with tiny_model.hooks(fwd_hooks=[(HOOK, lambda act, hook: act)]):
+            assert generate(tiny_model, PROMPTS, cfg, interventions) == expected
+    unsteered = [[reference_decode(tiny_model, i, cfg, cfg.seed + s) for s in range(cfg.samples)] for i in ids]
+    assert all(e != u for e, u in zip(expected, unsteered)), "the steering should change every prompt's text"
+
+
+def test_leaking_padding_is_detected_and_avoided(tiny_model, monkeypatch):
+    """Make the bridge's attention drop the attention mask (padding attended to, as if no mask
+    were passed): the padding check must fail and each prompt must be decoded as its own batch,
+    still exact."""
+    def unmasked(self, attn_scores, attention_mask, seq_len, q_seq_len=None):
+        return original(self, attn_scores, None, seq_len, q_seq_len)
+
+    original = AttentionBridge._apply_reconstruct_attention_mask
+    assert padding_exact(tiny_model) and kv_cache_exact(tiny_model, padded=True)
+    monkeypatch.setattr(AttentionBridge, "_apply_reconstruct_attention_mask", unmasked)
+    assert not padding_exact(tiny_model) and not kv_cache_exact(tiny_model, padded=True)
+    cfg = GenerateConfig(max_new_tokens=8, samples=1, seed=0, temperature=0.0, stop_at_eos=False)
+    assert generate(tiny_model, PROMPTS, cfg) == [[reference_decode(tiny_model, tiny_model.to_tokens(p)[0].tolist(), cfg, 0)] for p in PROMPTS]
 
 
 def test_generation_stops_at_eos(tiny_model):
@@ -195,6 +255,10 @@ def test_bad_generation_input(tiny_model):
     with pytest.raises(ValueError, match="positions='new' means the generated tokens"):
         with steer(tiny_model, positions="new"):
             pass
+    with pytest.raises(ValueError, match="every prompt needs tokens"):
+        decode(tiny_model, [[0, 5], []], 3, [0])
+    with pytest.raises(ValueError, match="a list of prompts"):
+        generate(tiny_model, [])
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +275,11 @@ def test_smollm2_greedy_generation_is_right(smollm2, smollm2_hf):
     assert got == reference_decode(smollm2, ids, cfg, 0)
     assert got == hf_generate(smollm2_hf, ids, cfg, 0, smollm2.tokenizer.eos_token_id)
     assert smollm2.tokenizer.decode(got).startswith(" to have a party.")
+    # With a shorter prompt in the same batch (left-padded, cached: the check passes on SmolLM2).
+    assert cache_usable(smollm2, padded=True)
+    other = "The capital of France is"
+    batch = generate(smollm2, [prompt, other], cfg)
+    assert batch == [[got], [reference_decode(smollm2, smollm2.to_tokens(other)[0].tolist(), cfg, 0)]]
     assert "Paris" in smollm2.tokenizer.decode(generate(smollm2, "The capital of France is", GenerateConfig(max_new_tokens=3, temperature=0.0))[0])
 
 

@@ -10,12 +10,14 @@ import torch
 
 from interp.data import DataConfig
 from interp.features import logit_lens
-from interp.generation import decode
+from interp.generation import Window, decode
+from interp.hooks import capture as hooks_capture
 from interp.hooks import output_hook
 from interp.run import RunConfig, train_run
 from interp.sae import create_coder, load_sae
 from interp.steering import (
     GenerateConfig,
+    _position_mask,
     ablate,
     add_direction,
     add_feature,
@@ -23,6 +25,7 @@ from interp.steering import (
     clamp,
     compare_generations,
     feature_direction,
+    generate,
     scale,
     steer,
 )
@@ -127,6 +130,39 @@ def test_new_positions_only_steer_generated_tokens(tiny_model):
             assert float((step[0, 0] @ direction) / direction.norm()) > 5.0
 
 
+def test_positions_are_each_rows_own_in_a_padded_batch():
+    # Row 0: two columns of padding, then a 3-token prompt; row 1: a 5-token prompt, unpadded.
+    window = Window(prompt_len_b=torch.tensor([3, 5]), pad_b=torch.tensor([2, 0]))
+
+    def edited(positions, start=0, seq_len=7):
+        window.start = start
+        return _position_mask(positions, window, 2, seq_len, "cpu").int().tolist()
+
+    # Padding and each row's own BOS (row 0's column 2) are never edited.
+    assert edited("all") == [[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]]
+    assert edited("new") == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1]]
+    assert edited([0, 1, 4]) == [[0, 0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0, 0]]
+    # A cached step at column 7: row 0's position 5, row 1's position 7, both generated.
+    assert edited([5], start=7, seq_len=1) == [[1], [0]]
+    assert edited("new", start=7, seq_len=1) == [[1], [1]]
+    # steer(): unpadded sequences of any batch size.
+    assert _position_mask([0, 2], Window(), 3, 4, "cpu").int().tolist() == [[0, 0, 1, 0]] * 3
+
+
+def test_several_prompts_compare_as_one_batch(tiny_model):
+    coder = tiny_coder()
+    prompts = ["Hi", "A longer prompt than the first"]
+    cfg = GenerateConfig(max_new_tokens=6, samples=2, seed=3, temperature=0.1, positions="new", stop_at_eos=False)
+    add = add_feature(coder, 1, 200.0)
+    pairs = compare_generations(tiny_model, prompts, [add], cfg)
+    assert [p.prompt for p in pairs] == prompts
+    for pair in pairs:
+        alone = compare_generations(tiny_model, pair.prompt, [add], cfg)
+        assert (pair.baseline_tokens, pair.steered_tokens) == (alone.baseline_tokens, alone.steered_tokens)
+        assert pair.steered_tokens != pair.baseline_tokens
+    assert generate(tiny_model, prompts, cfg, [add]) == [p.steered_tokens for p in pairs]
+
+
 def test_side_by_side_generations_share_seeds(tiny_model):
     coder = tiny_coder()
     cfg = GenerateConfig(max_new_tokens=6, samples=2, seed=3, stop_at_eos=False)
@@ -158,15 +194,15 @@ def test_bad_input(tiny_model):
             pass
 
 
-def small_smollm2_run(base: Path) -> Path:
+def small_smollm2_run(base: Path, tokens: int = 16_384, name: str = "smollm2-l6") -> Path:
     """A small TopK SAE on layer 6 of the embedded model, trained once per test session (the
-    notebooks use the same one); the settings match the notebooks' own."""
-    run = base / "smollm2-l6"
+    notebooks use the same one, with the default tokens); the settings match the notebooks' own."""
+    run = base / name
     if not (run / "cfg.json").exists():
         cfg = RunConfig(
             model="smollm2-135m", hooks=["blocks.6.hook_resid_post"], coder_options={"k": 16}, latents=1152,
             data=DataConfig(context_size=64), buffer_tokens=8192, eval_tokens=1008, splice_tokens=1008,
-            train=TrainConfig(tokens=16_384, batch_size=1024, warmup_steps=2, eval_every=0, checkpoint_every=16),
+            train=TrainConfig(tokens=tokens, batch_size=1024, warmup_steps=2, eval_every=0, checkpoint_every=16),
         )
         train_run(cfg, run, progress=False)
     return run
@@ -177,38 +213,120 @@ def smollm2_coder(tmp_path_factory):
     return load_sae(small_smollm2_run(tmp_path_factory.getbasetemp()))
 
 
-def generated_batch(model, prompt, continuations):
+@pytest.fixture(scope="module")
+def steering_coder(tmp_path_factory):
+    """The same SAE trained on four times the tokens (64 steps, FVU ~0.2 against ~0.7). After 16
+    steps its decoder rows are still close to their random initialisation: no feature of that
+    coder, chosen by any of the rules tried (logit lens, density, persistence, the rule below),
+    moved the plain model's reading of the generated text even at 16x its typical activation."""
+    return load_sae(small_smollm2_run(tmp_path_factory.getbasetemp(), tokens=65_536, name="smollm2-l6-64k"))
+
+
+# Strength = this times the feature's mean nonzero activation on held-out text. The smallest of
+# 2, 4, 8, 16 that works: at 2 and 4 no feature tried (about 25, on coders trained on 16k, 64k
+# and 256k tokens) changed the generated text measurably, at 8 the chosen feature's effect is
+# about 3 standard errors, at 16 about 10. At layer 6 a feature typically adds a tenth of the
+# residual's norm; the effect begins where the addition reaches the residual's own norm.
+STEER_FACTOR = 16.0
+PROMPTS = ["The", "My favourite thing to do on the weekend is", "Here is a short story about a dog who lived in a small town:"]
+
+
+@torch.no_grad()
+def corpus_statistics(model, coder, n_batches=16):
+    """On held-out text: each feature's density and mean nonzero activation, the tokens seen, and
+    each feature's mean activation on each of them (seen tokens x features)."""
+    hook, tokens, values = coder.cfg.hook, [], []
+    for _, batch in zip(range(n_batches), DataConfig(context_size=64).batches(model.tokenizer, "test")):
+        x_td = hooks_capture(model, batch.tokens_bt, [hook], batch.mask_bt)[hook]
+        code = coder.encode(x_td)
+        dense_tn = torch.zeros(len(x_td), coder.cfg.n_latents)
+        values.append(dense_tn.scatter_add_(1, code.indices_bk.clamp_min(0), code.values_bk * (code.indices_bk >= 0)))
+        tokens.append(batch.tokens_bt[batch.mask_bt])
+    values_tn, tokens_t = torch.cat(values), torch.cat(tokens)
+    fired_n = (values_tn > 0).sum(0)
+    seen_v, token_of_t = tokens_t.unique(return_inverse=True)
+    profile_vn = torch.zeros(len(seen_v), values_tn.shape[1]).index_add_(0, token_of_t, values_tn) / torch.bincount(token_of_t)[:, None]
+    return fired_n / len(values_tn), values_tn.sum(0) / fired_n.clamp_min(1), seen_v, profile_vn
+
+
+@torch.no_grad()
+def self_excitation(model, coder, features, strengths, seen_v, profile_vf, per_pass=32):
+    """For each feature, how much adding it at its strength to a snippet of training text (every
+    position but BOS) raises the feature's expected activation on the next token: the model's
+    next-token distribution weighted by the feature's mean activation on each token."""
+    probe_bt = next(DataConfig(context_size=16, model_batch=2).batches(model.tokenizer, "train")).tokens_bt
+    name = model.hook_dict[coder.cfg.hook].name
+    deltas_fd = torch.stack([feature_direction(coder, f) for f in features]) * strengths[:, None]
+
+    def expected_f(delta_rd, profile_vr):
+        def add(act, hook):
+            act = act.clone()
+            act[:, 1:] += delta_rd.repeat_interleave(len(probe_bt), 0)[:, None]
+            return act
+
+        with model.hooks(fwd_hooks=[(name, add)]):
+            probs = model(probe_bt.repeat(len(delta_rd), 1))[:, 1:].softmax(-1)[..., seen_v]
+        probs_rpv = probs.reshape(len(delta_rd), -1, len(seen_v))
+        return torch.einsum("rpv,vr->r", probs_rpv, profile_vr) / probs_rpv.shape[1]
+
+    steered = torch.cat([
+        expected_f(deltas_fd[i : i + per_pass], profile_vf[:, i : i + per_pass]) for i in range(0, len(features), per_pass)
+    ])
+    clean = model(probe_bt)[:, 1:].softmax(-1)[..., seen_v].reshape(-1, len(seen_v)) @ profile_vf
+    return steered - clean.mean(0)
+
+
+@torch.no_grad()
+def reread(model, coder, feature, prompt, continuations, lens_ids):
+    """The plain model (no interventions) reads prompt + each continuation: per continuation, the
+    feature's mean activation on the generated tokens, the share of them among the feature's
+    logit-lens top tokens, and the probability the model puts on those tokens there."""
     prompt_ids = model.to_tokens(prompt)[0].tolist()
-    return torch.tensor([prompt_ids + c for c in continuations]), len(prompt_ids)
+    tokens_bt = torch.tensor([prompt_ids + c for c in continuations])
+    x_btd = hooks_capture(model, tokens_bt, [coder.cfg.hook])[coder.cfg.hook].reshape(*tokens_bt.shape, -1)
+    new = slice(len(prompt_ids), None)
+    activation = feature_values(coder, x_btd[:, new], feature).mean(1)
+    share = torch.isin(tokens_bt[:, new], lens_ids).float().mean(1)
+    lens_prob = model(tokens_bt)[:, len(prompt_ids) - 1 : -1].softmax(-1)[..., lens_ids].sum(-1).mean(1)
+    return activation, share, lens_prob
 
 
 @pytest.mark.slow
-def test_steering_raises_the_features_tokens_and_activation(smollm2, smollm2_coder):
-    model, coder = smollm2, smollm2_coder
-    lens = logit_lens(model, coder, n_tokens=10)
-    feature = int(lens["lens_top_values_nt"][:, 0].argmax())
-    lens_ids = lens["lens_top_ids_nt"][feature]
-    prompt = "My favourite thing to do on the weekend is"
-    add = add_feature(coder, feature, 100.0)
-    pair = compare_generations(model, prompt, [add], GenerateConfig(max_new_tokens=8, samples=3, seed=0))
+def test_steering_raises_the_feature_when_the_plain_model_rereads_the_text(smollm2, steering_coder):
+    """Steer generation (positions "new", three prompts of different lengths in one batch, four
+    seeds each) and let the unsteered model read the text: the feature fires on the steered text
+    far more than on the baseline drawn with the same seeds.
 
-    def lens_mass(continuations, *interventions):
-        tokens, start = generated_batch(model, prompt, continuations)
-        with torch.no_grad(), steer(model, *interventions):
-            probs = model(tokens)[:, start - 1 : -1].softmax(-1)
-        return probs[..., lens_ids].sum(-1).mean(1)
-
-    def activation(continuations, *interventions):
-        # The feature as the coder reads the activation the rest of the model sees on the generated text.
-        tokens, start = generated_batch(model, prompt, continuations)
-        x, _ = capture(model, tokens, coder.cfg.hook, *interventions)
-        return feature_values(coder, x[:, start:], feature).mean(1)
-
-    base_mass, steered_mass = lens_mass(pair.baseline_tokens), lens_mass(pair.steered_tokens, add)
-    # Beyond seed noise: every steered sample above every baseline sample.
-    assert steered_mass.min() > base_mass.max(), (base_mass, steered_mass)
-    base_act, steered_act = activation(pair.baseline_tokens), activation(pair.steered_tokens, add)
-    assert steered_act.min() > base_act.max(), (base_act, steered_act)
+    The feature: among features of density 1e-3 to 1e-1 on held-out text, the one whose direction,
+    added at the test's strength to a snippet of training text, most raises the feature's expected
+    activation on the model's next token (`self_excitation`). Its logit lens is printed but not
+    asserted: at layer 6 of 30 the lens's top tokens are rare word pieces the model never emits,
+    steered or not (0 in both here)."""
+    model, coder = smollm2, steering_coder
+    density_n, typical_n, seen_v, profile_vn = corpus_statistics(model, coder)
+    candidates = ((density_n >= 1e-3) & (density_n <= 1e-1)).nonzero()[:, 0]
+    gain = self_excitation(model, coder, candidates.tolist(), STEER_FACTOR * typical_n[candidates], seen_v, profile_vn[:, candidates])
+    feature = int(candidates[gain.argmax()])
+    strength = STEER_FACTOR * float(typical_n[feature])
+    lens_ids = logit_lens(model, coder, n_tokens=10)["lens_top_ids_nt"][feature]
+    cfg = GenerateConfig(max_new_tokens=16, samples=4, seed=0, positions="new", stop_at_eos=False)
+    pairs = compare_generations(model, PROMPTS, [add_feature(coder, feature, strength)], cfg)
+    sides = {}
+    for side in ("baseline", "steered"):
+        per_prompt = [reread(model, coder, feature, pair.prompt, getattr(pair, f"{side}_tokens"), lens_ids) for pair in pairs]
+        sides[side] = [torch.cat(measure) for measure in zip(*per_prompt)]
+    (base_act, base_share, base_prob), (steered_act, steered_share, steered_prob) = sides["baseline"], sides["steered"]
+    print(f"\nfeature {feature}: density {float(density_n[feature]):.4f}, mean activation {float(typical_n[feature]):.2f}, "
+          f"strength {strength:.1f}; lens {[model.tokenizer.decode([i]) for i in lens_ids.tolist()]}")
+    for name, b, s in (("activation", base_act, steered_act), ("lens-token share", base_share, steered_share),
+                       ("lens-token probability", base_prob, steered_prob)):
+        print(f"  {name}: baseline {b.mean():.4f} ± {b.std():.4f} (max {b.max():.4f}), steered {s.mean():.4f} ± {s.std():.4f} (min {s.min():.4f})")
+    print("  e.g.", repr(pairs[1].baseline[0]), "->", repr(pairs[1].steered[0]))
+    # Beyond seed noise: the steered mean exceeds the baseline mean by more than five standard
+    # errors of the difference over the 12 samples a side (Welch's t > 5; p < 1e-3 if steering
+    # did nothing).
+    stderr = (base_act.var() / len(base_act) + steered_act.var() / len(steered_act)).sqrt()
+    assert steered_act.mean() - base_act.mean() > 5 * stderr, (base_act, steered_act)
 
 
 @pytest.mark.slow
