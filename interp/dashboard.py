@@ -121,6 +121,9 @@ def write_dashboard(results: FeatureResults, path: str | Path, features: list[in
     """One self-contained HTML file of `features` (default every feature that fired)."""
     index = index_data(results, features)
     index["features"] = {str(f): feature_data(results, f, top_contexts, per_quantile) for f in index["ids"]}
+    # One table of token texts for the whole file, not one per feature.
+    for entry in index["features"].values():
+        index["vocab"].update(entry.pop("vocab"))
     path = Path(path)
     write_text(path, page_html(index["title"], {"runs": [index]}))
     return path
@@ -183,7 +186,7 @@ async function featureData(r, id) {
   let f;
   if (EMBEDDED) f = EMBEDDED.runs[r].features[id] ?? null;
   else { const res = await fetch(`/api/runs/${r}/features/${id}`); f = res.status === 404 ? null : await res.json(); }
-  if (f) Object.assign(vocab, f.vocab);
+  if (f && f.vocab) Object.assign(vocab, f.vocab);
   return f;
 }
 function context(c, max) {
