@@ -58,9 +58,9 @@ class FeatureConfig:
     """Seed of the random sample of firings."""
     selection: str = "bfloat16"
     """Precision of the dense encoder product that chooses each token's latents: bfloat16 (about 4x
-    faster on CPUs with bf16 instructions; activations are still computed exactly, but a latent
-    within rounding of the cut may be chosen in place of another) or float32 (`coder.encode`'s
-    choice exactly)."""
+    faster on CPUs with bf16 instructions; activations are still computed exactly, and TopK's choice
+    is float32's (`TopKSAE.select_rounded`), but for threshold families a latent within rounding of
+    the cut may be chosen in place of another) or float32 (`coder.encode`'s choice exactly)."""
     checkpoint_every: int = 100_000
     """Tokens between checkpoints of the pass: a killed pass started again resumes from the last."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -233,11 +233,6 @@ class _OnDisk:
         with safe_open(self.path, "pt") as f:
             return f.get_slice(self.name)[key]
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        with safe_open(self.path, "pt") as f:
-            return tuple(f.get_slice(self.name).get_shape())
-
 
 class _TopSlots:
     """Per feature, the `k` firings with the largest keys so far, with their context windows.
@@ -250,7 +245,6 @@ class _TopSlots:
     """
 
     def __init__(self, n_latents: int, k: int, window: int):
-        self.k = k
         self.keys_nk = torch.full((n_latents, k), float("-inf"))
         self.values_nk = torch.zeros(n_latents, k)
         self.tokens_nkw = torch.full((n_latents, k, window), -1, dtype=torch.int32)
@@ -281,7 +275,8 @@ class _TopSlots:
         order = key_e.argsort(descending=True, stable=True)
         order = order[feature_e[order].argsort(stable=True)]
         feature_e = feature_e[order]
-        first_n = torch.bincount(feature_e, minlength=n).cumsum(0) - torch.bincount(feature_e, minlength=n)
+        count_n = torch.bincount(feature_e, minlength=n)
+        first_n = count_n.cumsum(0) - count_n
         rank_e = torch.arange(len(order)) - first_n[feature_e]
         kept = rank_e < k
         order, feature_e, rank_e = order[kept], feature_e[kept], rank_e[kept]

@@ -90,18 +90,14 @@ class Dashboard:
         from interp.steering import GenerateConfig, add_feature, compare_generations
 
         prompt = _text(body, "prompt")
-        feature = body.get("feature")
-        if isinstance(feature, bool) or not isinstance(feature, int):
-            raise BadInput(f"feature must be an integer, got {feature!r}")
-        strength = body.get("strength")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            raise BadInput(f"strength must be a number, got {strength!r}")
         new_tokens, samples = body.get("max_new_tokens", 30), body.get("samples", 2)
         if not (isinstance(new_tokens, int) and 1 <= new_tokens <= MAX_NEW_TOKENS and isinstance(samples, int) and 1 <= samples <= MAX_SAMPLES):
             raise BadInput(f"max_new_tokens must be 1 to {MAX_NEW_TOKENS} and samples 1 to {MAX_SAMPLES}")
         cfg = GenerateConfig(max_new_tokens=new_tokens, samples=samples, positions="new")
+        # add_feature checks the feature id and the strength, as for every caller.
+        add = add_feature(run.coder, body.get("feature"), body.get("strength"))
         with self.model_lock:
-            pair = compare_generations(self.model(run), prompt, [add_feature(run.coder, feature, strength)], cfg)
+            pair = compare_generations(self.model(run), prompt, [add], cfg)
         return {"baseline": pair.baseline, "steered": pair.steered}
 
 
