@@ -224,3 +224,31 @@ def test_a_checkpoint_from_before_format_2_resumes(tmp_path, monkeypatch):
     resumed.run(resume=True)
     for name, tensor in reference.coder.state_dict().items():
         assert torch.equal(tensor, resumed.coder.state_dict()[name]), name
+
+
+
+@pytest.mark.parametrize("aux", [{"aux_coef": 0.0}, {"aux_coef": 1 / 32, "aux_mask": "dead"}], ids=["aux-off", "auxk-mask"])
+def test_mutual_choice_trains_exactly_as_batchtopk_but_for_its_auxiliary_mask(tmp_path, aux):
+    """Mutual choice selects as BatchTopK does; the auxiliary loss's mask is all that tells them
+    apart. With the loss off, or with AuxK's mask (latents dead for the window), both must hold
+    the same weights after every step, bit for bit; dead_tokens below a batch makes the dead
+    mask non-empty from the second step, so the AuxK path is exercised."""
+    trainers = {}
+    for arch in ("batchtopk", "mutual_choice"):
+        torch.manual_seed(0)
+        options = {"aux_coef": aux["aux_coef"]} if arch == "batchtopk" else aux
+        coder = create_coder(arch, d_in=16, n_latents=64, k=4, hook=HOOK, model="tiny-llama", **options)
+        cfg = TrainConfig(tokens=12 * 32, batch_size=32, lr=3e-3, warmup_steps=3, eval_every=0, dead_tokens=16)
+        trainers[arch] = Trainer(coder, None, cfg, tmp_path / arch)
+    batches = ShuffleBuffer(SyntheticChunks(), buffer_tokens=128, batch_tokens=32, seed=1).batches(trainers["batchtopk"].buffer_state)
+    aux_losses = []
+    for step in range(12):
+        batch = next(batches)
+        for trainer in trainers.values():
+            if step == 0:
+                trainer.initialize(batch)
+            aux_losses.append(trainer.train_step(batch)["aux_loss"])
+        reference, mutual = (trainers[arch].coder for arch in ("batchtopk", "mutual_choice"))
+        for name, value in reference.state_dict().items():
+            assert torch.equal(value, mutual.state_dict()[name]), f"{name} differs after step {step + 1}"
+    assert (max(aux_losses) > 0) == (aux["aux_coef"] > 0)

@@ -166,7 +166,7 @@ def _build_peer(name: str, building: Path, final: Path, lock_fd: int) -> None:
             _run_logged([*pip, "--no-deps", PEERS[name]], f"pip install {PEERS[name]}", log, lock_fd, PIP_LIMIT_S)
             _run_logged([*pip, *SCHEMA_ONLY[name]], f"pip install {' '.join(SCHEMA_ONLY[name])}", log, lock_fd, PIP_LIMIT_S)
             their_torch = "none"
-            _run_logged([str(python), "-c", f"import {MODULES[name]}"], f"import {MODULES[name]}", log, lock_fd, VENV_LIMIT_S)
+            _run_logged([str(python), "-P", "-c", f"import {MODULES[name]}"], f"import {MODULES[name]}", log, lock_fd, VENV_LIMIT_S)
         else:
             say(f"{name}: venv created in {time.monotonic() - step:.0f} s; installing {torch_req}")
             _run_logged([*pip, torch_req], f"pip install {torch_req}", log, lock_fd, PIP_LIMIT_S)
@@ -175,7 +175,7 @@ def _build_peer(name: str, building: Path, final: Path, lock_fd: int) -> None:
             # torch named again so that the resolver keeps it: the peer must be timed on our torch.
             _run_logged([*pip, PEERS[name], torch_req], f"pip install {PEERS[name]}", log, lock_fd, PIP_LIMIT_S)
             say(f"{name}: {PEERS[name]} installed in {time.monotonic() - step:.0f} s; checking `import {MODULES[name]}`")
-            their_torch = _run_logged([str(python), "-c", f"import {MODULES[name]}, torch; print(torch.__version__)"],
+            their_torch = _run_logged([str(python), "-P", "-c", f"import {MODULES[name]}, torch; print(torch.__version__)"],
                                       f"import {MODULES[name]}", log, lock_fd, VENV_LIMIT_S)[-1:] or ["?"]
             their_torch = their_torch[0]
     if their_torch not in (torch.__version__, "none"):

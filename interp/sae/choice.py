@@ -55,9 +55,12 @@ from dataclasses import dataclass
 import torch
 
 from interp import distributed
+from interp.errors import BadInput
 from interp.sae.allocation import padded_code, select_above, update_ema
 from interp.sae.base import SelectContext
 from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+
+AUX_MASKS = ("zipf", "dead")
 
 
 @dataclass
@@ -66,6 +69,13 @@ class MutualChoiceConfig(BatchTopKConfig):
     """Rate of the moving average of latent densities that aux_zipf_loss reads (choice coders)."""
     underuse_factor: float = 0.5
     """aux_zipf_loss treats a latent as under-utilised when its density is below this fraction of the Zipf law at its rank."""
+    aux_mask: str = "zipf"
+    """Latents the auxiliary loss may use: 'zipf' (under-utilised by the Zipf law, aux_zipf_loss) or 'dead' (unfired for the trainer's dead window, AuxK's mask)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.aux_mask not in AUX_MASKS:
+            raise BadInput(f"aux_mask must be one of {', '.join(AUX_MASKS)}, got {self.aux_mask!r}")
 
 
 @dataclass
@@ -96,6 +106,8 @@ class MutualChoiceSAE(BatchTopKSAE):
         update_ema(self.density, fires / distributed.total_over_ranks(len(indices_bk), fires.device), self.cfg.density_rate, self.density_started)
 
     def aux_loss(self, enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx: SelectContext) -> torch.Tensor:
+        if self.cfg.aux_mask == "dead":
+            return super().aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm, ctx)
         if not self.training:
             return torch.zeros((), device=enc_in_bd.device)
         return self.masked_aux_loss(enc_in_bd, pre_bn, target_norm, x_hat_norm, self.underused())
