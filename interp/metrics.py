@@ -14,10 +14,14 @@ Definitions (all measured on held-out text):
   cover tokens above it: they are left out of FVU, L0 and densities (their share is reported as
   outlier_frac) and stay clean in the spliced and the zero-ablated passes alike, as BOS does.
 - KL: mean over predicted positions of KL(p_clean || p_spliced) of the next-token distributions.
+- Batch-level coders (BatchTopK, mutual and feature choice) choose latents over a whole training
+  batch but, one token at a time, by thresholds estimated in training; `allocation=True` scores
+  them under the allocation they trained with instead, each evaluated batch one allocation.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -28,13 +32,21 @@ from interp.data import TokenBatch
 from interp.errors import BadInput
 from interp.hooks import Activations, by_position, output_hook, splice
 from interp.sae.base import SparseCoder
+from interp.sae.batchtopk import BatchTopKSAE
 
 DENSE_DENSITY = 0.1
 
 
 @torch.no_grad()
-def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -> dict:
-    """FVU, L0, dead and dense fractions of `coder` over activation batches."""
+def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations], allocation: bool = False) -> dict:
+    """FVU, L0, dead and dense fractions of `coder` over activation batches. With `allocation`, a
+    batch-level coder selects over each batch as in training (pass batches of the training batch
+    size), through a copy, so that its running estimates stay as they were."""
+    if allocation:
+        if not isinstance(coder, BatchTopKSAE):
+            raise BadInput(f"allocation scores batch-level coders (batchtopk, mutual_choice, feature_choice); "
+                           f"{coder.arch} selects per token")
+        coder = copy.deepcopy(coder)
     hook, target_hook = coder.cfg.hook, output_hook(coder)
     device = coder.W_dec.device
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
@@ -42,7 +54,7 @@ def reconstruction_metrics(coder: SparseCoder, batches: Iterable[Activations]) -
     fires = torch.zeros(coder.cfg.n_latents, dtype=torch.long, device=device)
     active = tokens = 0
     was_training = coder.training
-    coder.eval()
+    coder.train(allocation)
     outliers = 0
     for batch in batches:
         x, y = batch[hook].to(device), batch[target_hook].to(device)

@@ -95,17 +95,12 @@ class TrainConfig:
 
     def learning_rate(self, n_latents: int) -> float:
         """`lr`, or by default twice Gao et al.'s 2e-4 * sqrt(16384 / latents), the rate sparsify
-        also uses. sparsify trains better than that rate alone would in interp: its encoder
-        starts as torch's nn.Linear (rows of norm about 1/sqrt(3)), ours as the unit-norm decoder,
-        so the same Adam step moves sparsify's encoder 1.7 times as far relative to its weights.
-        Measured by bench/topk_recipe.py (SmolLM2, one pass of 408,559 tokens, batch 1,024, k 32;
-        held-out FVU, dead fraction; docs/results.md): with a constant rate, starting our encoder
-        at sparsify's norm takes layer 7 at 9,216 latents from 0.120 to 0.103 (dead 0 to 1.5%), while input units,
-        the decoder bias start (mean or geometric median) and the AuxK weight change 0.003 or
-        less; doubling the rate instead gives 0.1015 (dead 0.02%) against sparsify's 0.109 (2.4%),
-        on layer 12 0.083 against 0.085 (dead 0.07% against 1.4%), at 4,608 latents 0.075 against
-        0.077. Three and four times the rate lower FVU further but kill 0.4-3% of latents. Gao et
-        al. fitted their rate to far longer runs than these 400 steps; for such runs, try theirs (--lr)."""
+        also uses. sparsify trains better at that rate than interp does: its encoder starts as
+        torch's nn.Linear (rows of norm about 1/sqrt(3)), ours as the unit-norm decoder, so the same
+        Adam step moves sparsify's encoder 1.7 times as far relative to its weights. Twice the rate
+        closes that gap without sparsify's dead latents; bench/topk_recipe.py measures it (one
+        pass of SmolLM2 activations, 400 steps; the figures are in docs/results.md). Gao et al.
+        fitted their rate to far longer runs; for such runs, try theirs (--lr)."""
         return self.lr if self.lr is not None else 4e-4 * math.sqrt(16384 / n_latents)
 
 

@@ -79,3 +79,32 @@ def test_tokens_above_the_norm_bound_stay_clean_when_spliced(tiny_model):
     assert metrics["loss_spliced"] == pytest.approx(metrics["loss_clean"], abs=1e-6)
     assert metrics["loss_zero"] == pytest.approx(metrics["loss_clean"], abs=1e-6)
     assert metrics["kl"] == pytest.approx(0, abs=1e-6)
+
+
+def test_allocation_scores_a_batch_level_coder_by_the_batch_top_k_it_trained_with():
+    torch.manual_seed(0)
+    d, n, k = 8, 32, 3
+    sae = create_coder("batchtopk", d_in=d, n_latents=n, k=k, hook=HOOK, model="tiny-llama")
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        sae.threshold.fill_(1e6)  # by its threshold it would keep nothing
+    sae.eval()
+    batches = [torch.randn(40, d), torch.randn(25, d)]
+    errors, fires = [], torch.zeros(n, dtype=torch.bool)
+    for x in batches:  # the dense reference: each batch's k * B largest ReLU(z) over all its entries
+        z = (x @ sae.W_enc.T + sae.b_enc).relu().detach()
+        keep = torch.zeros(z.numel(), dtype=torch.bool)
+        keep[z.flatten().topk(k * len(x)).indices] = True
+        f = z * keep.reshape(z.shape)
+        errors.append((x - f @ sae.W_dec).pow(2).sum())
+        fires |= (f > 0).any(0)
+    x_all = torch.cat(batches)
+    expected = sum(errors) / (x_all - x_all.mean(0)).pow(2).sum()
+    metrics = reconstruction_metrics(sae, [{HOOK: x} for x in batches], allocation=True)
+    assert metrics["fvu"] == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["l0"] == pytest.approx(k, abs=1e-9)
+    assert metrics["dead_frac"] == pytest.approx(1 - fires.float().mean().item())
+    assert sae.threshold.item() == 1e6 and not sae.training
+    assert reconstruction_metrics(sae, [{HOOK: x} for x in batches])["l0"] == 0
+    with pytest.raises(ValueError, match="topk selects per token"):
+        reconstruction_metrics(perfect_sae(8), [{HOOK: x_all}], allocation=True)
