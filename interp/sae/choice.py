@@ -35,6 +35,12 @@ Choices where the paper leaves room (ours, and why):
   latents (d_i = 0) are always under-utilised, so with no under-used live latent the loss is
   exactly AuxK. The loss is AuxK restricted to the under-utilised latents: their top-k_aux
   pre-activations reconstruct the residual x - x_hat, L_aux = FVU(residual, their decode).
+- `aux_mask` chooses the auxiliary loss's latents: 'zipf' is the reading above, 'dead' AuxK's
+  mask (mutual choice then trains exactly as BatchTopK with AuxK). The default stays 'zipf', the
+  paper's loss as we read it, but bench/choice_readings.py (b) finds that reading harmful: on
+  SmolLM2 layer 12 at 9,216 latents, k 16, it masks 37% of the latents and leaves 26% silent over
+  the last fifth of training, against 0.01% with 'dead' (docs/results.md). A truer reading of the
+  paper's "under-utilised" is still to find; until then, prefer aux_mask dead.
 - Inference on one token cannot depend on the batch, so in `eval()` mode both coders keep the
   latents whose pre-activation exceeds a threshold estimated in training (see allocation.py):
   mutual choice one global threshold (the smallest kept activation, as BatchTopK), feature choice
