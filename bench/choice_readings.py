@@ -1,6 +1,7 @@
 """Mutual choice against BatchTopK, to tell our reading of aux_zipf_loss from the method, and the
-dead-latent window's length: the discriminating experiments of the fidelity issue (a, b, e), on
-a store's activations, every run on the same batches in the same order.
+dead-latent window's length, and feature choice's capacities: the discriminating experiments of
+the fidelity issue (a, b, c, e), on a store's activations, every run on the same batches in the
+same order.
 
     python bench/choice_readings.py --store STORE --hook blocks.12.hook_resid_post --latents 9216 --k 16
 
@@ -11,6 +12,13 @@ a store's activations, every run on the same batches in the same order.
     AuxK's), and batchtopk with AuxK: per step, how many latents the mask holds, how many latents
     are dead (unfired for the trainer's window), and how many of the dead receive an auxiliary
     slot (are among some token's top-k_aux masked pre-activations).
+(c) feature_choice with Zipf capacities of exponent 0 (uniform), 0.5 and 1 over the latent index,
+    and at 0.5 and 1 handed out by rank of demand instead (capacity_order demand: how often free
+    allocation would pick the latent), all with AuxK's mask (aux_mask dead, so that (b)'s finding
+    does not blur the capacities'), next to batchtopk with AuxK; each scored with its inference
+    thresholds and with the batch allocation it trained with (the held-out tokens rebatched to
+    the training batch size), and the capacity profile: the most tokens one latent may take, the
+    budget share of the ten largest, how many latents may take one token per batch.
 (e) the dead window at 200k tokens (the default) and at --short-window of the run, for topk and
     mutual_choice with AuxK's mask.
 
@@ -31,6 +39,7 @@ from store_runs import heldout, train_one_pass, training_activations
 from interp.metrics import reconstruction_metrics
 from interp.run import EvalConfig
 from interp.sae import create_coder
+from interp.sae.choice import zipf_capacities
 from interp.train import TrainConfig, Trainer
 
 
@@ -71,11 +80,20 @@ class AuxSlots:
         return masked, 0 if recipients is None else int((recipients & dead_n).sum())
 
 
-def evaluate(name: str, trainer: Trainer, held, seconds: float, extra: str = "") -> None:
+def evaluate(name: str, trainer: Trainer, held, seconds: float, extra: str = "", allocation: bool = False) -> None:
+    """One line: held-out FVU, L0, dead under inference (and, with `allocation`, under the batch
+    allocation, on the held-out tokens in whole batches of the training batch size)."""
     coder, cfg = trainer.coder, trainer.cfg
-    metrics = reconstruction_metrics(coder, [{coder.cfg.hook: b[coder.cfg.hook]} for b in held])
+    hook = coder.cfg.hook
+    metrics = reconstruction_metrics(coder, [{hook: b[hook]} for b in held])
     last_fifth = cfg.batch_size * (cfg.steps - int(0.8 * cfg.steps))
     dead_late = (trainer.tokens_since_fired >= last_fifth).float().mean().item()
+    if allocation:
+        x_nd = torch.cat([b[hook] for b in held])
+        whole = [{hook: x_nd[i:i + cfg.batch_size]} for i in range(0, len(x_nd) - cfg.batch_size + 1, cfg.batch_size)]
+        allocated = reconstruction_metrics(coder, whole, allocation=True)
+        extra = (f"; under the batch allocation ({len(whole)} batches of {cfg.batch_size}): FVU {allocated['fvu']:.4f}, "
+                 f"L0 {allocated['l0']:.2f}, dead {allocated['dead_frac']:.4f}") + extra
     print(f"{name}: held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.2f}, dead {metrics['dead_frac']:.4f} held-out, "
           f"{dead_late:.4f} over the last fifth of training; {seconds:.0f} s{extra}", flush=True)
 
@@ -126,6 +144,22 @@ def masks(x_nd, args, held) -> None:
         evaluate(name, trainer, held, seconds, extra)
 
 
+def capacities(x_nd, args, held) -> None:
+    runs = [("batchtopk", {})] + [("feature_choice", {"zipf_exponent": e, "capacity_order": "index"}) for e in (0.0, 0.5, 1.0)]
+    runs += [("feature_choice", {"zipf_exponent": e, "capacity_order": "demand"}) for e in (0.5, 1.0)]
+    for arch, options in runs:
+        coder = make(arch, x_nd, args, aux_mask="dead", **options) if options else make(arch, x_nd, args)
+        extra = ""
+        if options:
+            capacity = zipf_capacities(args.latents, args.k * args.batch, args.batch, options["zipf_exponent"])
+            extra = (f"; capacities: largest {int(capacity[0])}, ten largest {capacity[:10].sum() / capacity.sum():.3f} "
+                     f"of the budget, {int((capacity == 1).sum())} latents at 1 token")
+        start = time.perf_counter()
+        trainer = train_one_pass(coder, x_nd, config(args, x_nd), name=f"{arch} {options}")
+        label = " ".join(f"{name}={value}" for name, value in options.items()) or "(AuxK)"
+        evaluate(f"(c) {arch} {label}", trainer, held, time.perf_counter() - start, extra, allocation=True)
+
+
 def windows(x_nd, args, held) -> None:
     short = max(args.batch, int(args.short_window * (len(x_nd) // args.batch) * args.batch))
     for arch, options in (("topk", {}), ("mutual_choice", {"aux_mask": "dead"})):
@@ -148,14 +182,14 @@ def main() -> None:
     parser.add_argument("--max-norm-ratio", type=float, default=None, help="TrainConfig.max_norm_ratio for every run.")
     parser.add_argument("--short-window", type=float, default=0.05, help="(e): the short dead window, as a fraction of the run.")
     parser.add_argument("--heldout-tokens", type=int, default=EvalConfig.eval_tokens)
-    parser.add_argument("--only", choices=("a", "b", "e"), action="append", help="Run only these experiments.")
+    parser.add_argument("--only", choices=("a", "b", "c", "e"), action="append", help="Run only these experiments.")
     args = parser.parse_args()
 
     x_nd = training_activations(args.store, args.hook, args.seed, args.tokens)
     held = heldout(args.store, args.hook, args.heldout_tokens)
     print(f"{args.hook}: {len(x_nd)} training tokens, {sum(len(b[args.hook]) for b in held)} held-out; "
           f"{args.latents} latents, k {args.k}, batch {args.batch}, {len(x_nd) // args.batch} steps, seed {args.seed}")
-    for key, experiment in (("a", identical_without_aux), ("b", masks), ("e", windows)):
+    for key, experiment in (("a", identical_without_aux), ("b", masks), ("c", capacities), ("e", windows)):
         if not args.only or key in args.only:
             experiment(x_nd, args, held)
 

@@ -107,7 +107,7 @@ def test_every_setting_is_an_option_declared_once(tmp_path):
     from interp.train import TrainConfig
 
     leaves |= {f.name for f in dataclasses.fields(DataConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
-    assert leaves | {"k", "k_aux", "aux_coef", "beta", "threshold_rate", "density_rate", "underuse_factor", "aux_mask", "zipf_exponent"} == {
+    assert leaves | {"k", "k_aux", "aux_coef", "beta", "threshold_rate", "density_rate", "underuse_factor", "aux_mask", "zipf_exponent", "capacity_order"} == {
         o.path[-1] for o in options
     }
     assert all(o.help for o in options)

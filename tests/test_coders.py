@@ -17,7 +17,7 @@ from interp.run import (
 )
 from interp.sae import REGISTRY, SelectContext, create_coder, load_sae
 from interp.sae.allocation import batch_topk
-from interp.sae.choice import underused_by_zipf, zipf_capacities
+from interp.sae.choice import feature_choice, underused_by_zipf, zipf_capacities
 from interp.train import TrainConfig
 
 D, N, K, B = 16, 64, 4, 32
@@ -171,12 +171,44 @@ def test_feature_choice_respects_each_capacity():
             assert pre[chosen[:, i], i].min() >= pre[~chosen[:, i], i].max()
 
 
-def test_zipf_capacities():
-    uniform = zipf_capacities(64, 4 * 32, 32, exponent=0.0)
-    assert (uniform == 2).all()
-    zipf = zipf_capacities(64, 4 * 32, 32, exponent=1.0)
-    assert (zipf[:-1] >= zipf[1:]).all() and zipf.max() <= 32 and zipf.min() >= 1 and zipf[0] > zipf[-1]
-    assert int(zipf.sum()) == 4 * 32
+def test_feature_choice_by_demand_gives_the_largest_capacity_to_the_most_demanded_latent():
+    coder = make("feature_choice", capacity_order="demand")
+    x, _ = data()
+    pre = coder.preacts(coder.encoder_input(coder.normalized_input(x)))
+    code = coder.encode(x)
+    # The reference: demand is each latent's count among the batch's K B largest positive
+    # entries (one global top over the dense matrix); the r-th most demanded latent takes the
+    # r-th capacity, then its own top-m positive pre-activations by a plain column top-m.
+    top_e = pre.flatten().topk(K * B).indices
+    top_e = top_e[pre.flatten()[top_e] > 0]
+    demand = torch.bincount(top_e % N, minlength=N).float() / B
+    assert torch.allclose(coder.demand, demand)
+    rank = torch.empty(N, dtype=torch.long)
+    rank[demand.argsort(descending=True, stable=True)] = torch.arange(N)
+    capacity_i = zipf_capacities(N, K * B, B, exponent=1.0)[rank]
+    chosen = dense(code) > 0
+    for i in range(N):
+        top = pre[:, i].topk(int(capacity_i[i])).indices
+        expected = torch.zeros(B, dtype=torch.bool)
+        expected[top[pre[top, i] > 0]] = True
+        assert torch.equal(chosen[:, i], expected), i
+        assert coder.threshold[i] == pre[top[-1], i].clamp_min(0)
+    assert not torch.equal(rank, torch.arange(N))  # the test would not tell the orders apart otherwise
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0])
+def test_capacities_that_do_not_divide_the_budget_stay_ordered_and_select(exponent):
+    # 16 x 32 matches over 48 latents: 10.67 each under exponent 0, so some take 11 and some 10.
+    capacity = zipf_capacities(48, 16 * 32, 32, exponent)
+    assert int(capacity.sum()) == 16 * 32 and (capacity[:-1] >= capacity[1:]).all()
+    pre = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
+    rows, cols, _ = feature_choice(pre, capacity)
+    top = pre.topk(int(capacity.max()), dim=0).values  # the reference: each column's own top-m
+    expected = pre >= top.gather(0, (capacity - 1)[None]).clamp_min(0)
+    expected &= pre > 0
+    chosen = torch.zeros_like(expected)
+    chosen[rows, cols] = True
+    assert torch.equal(chosen, expected)
 
 
 def test_zipf_capacities_redistribute_what_the_batch_cannot_hold():

@@ -17,12 +17,16 @@ allocation view, feature choice, and the auxiliary loss.
 
 Choices where the paper leaves room (ours, and why):
 
-- Feature capacities follow a Zipf law over the latent index, m_i proportional to (i + 1)^-alpha,
+- Feature capacities follow a Zipf law over a ranking of the latents, m_r proportional to r^-alpha,
   alpha = `zipf_exponent` (0 gives the uniform m = M / n). The paper motivates Zipf capacities by
-  the observation that feature densities of trained SAEs follow a Zipf law; tying the capacity to
-  a fixed index (latents start interchangeable, so training decides which latent gets which
-  capacity) keeps the allocation deterministic and free of a feedback loop through measured
-  densities. A feature can take at most the B tokens of the batch and at least one, so
+  the observation that feature densities of trained SAEs follow a Zipf law; that law is over the
+  density rank, so `capacity_order` either ties the capacity to a fixed index ('index': latents
+  start interchangeable, so training decides which latent gets which capacity; deterministic) or
+  hands the r-th largest capacity to the latent in the r-th greatest demand ('demand': how often
+  it is among the batch's k B largest pre-activations, which free allocation would pick). Ranking
+  by the latents' own firing densities instead would change nothing: the capacities make those
+  densities, so the order they start in is a fixed point (bench/choice_readings.py (c) found the
+  runs bit-identical). A feature can take at most the B tokens of the batch and at least one, so
   m_i = clamp(c w_i, 1, B) with the scale c chosen so that the capacities still sum to M
   (what the capped head cannot take goes to the rest in the same proportions), then rounded by
   largest remainder: sum_i m_i = M exactly, the same budget as TopK. (Capping without
@@ -62,11 +66,12 @@ import torch
 
 from interp import distributed
 from interp.errors import BadInput
-from interp.sae.allocation import padded_code, select_above, update_ema
+from interp.sae.allocation import batch_topk, padded_code, select_above, update_ema
 from interp.sae.base import SelectContext
 from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 
 AUX_MASKS = ("zipf", "dead")
+CAPACITY_ORDERS = ("index", "demand")
 
 
 @dataclass
@@ -87,7 +92,14 @@ class MutualChoiceConfig(BatchTopKConfig):
 @dataclass
 class FeatureChoiceConfig(MutualChoiceConfig):
     zipf_exponent: float = 1.0
-    """Feature choice: latent i may take m_i ~ (i+1)^-exponent of the batch's k*B matches (0: uniform)."""
+    """Feature choice: the latent of rank r may take m_r ~ r^-exponent of the batch's k*B matches (0: uniform)."""
+    capacity_order: str = "index"
+    """Feature choice: rank latents for their capacities by 'index' (fixed) or by 'demand' (how often free allocation would pick them, largest first)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.capacity_order not in CAPACITY_ORDERS:
+            raise BadInput(f"capacity_order must be one of {', '.join(CAPACITY_ORDERS)}, got {self.capacity_order!r}")
 
 
 class MutualChoiceSAE(BatchTopKSAE):
@@ -132,18 +144,39 @@ class FeatureChoiceSAE(MutualChoiceSAE):
         super().__init__(cfg)
         # One inference threshold per feature (the scalar of BatchTopK becomes a vector).
         self.threshold = torch.zeros(cfg.n_latents)
+        self.register_training_buffer("demand", torch.zeros(cfg.n_latents))
+        self.register_training_buffer("demand_started", torch.zeros((), dtype=torch.bool))
 
     def capacities(self, n_tokens: int) -> torch.Tensor:
-        """m_i, the most tokens latent i may take in a batch of `n_tokens` (non-increasing in i)."""
+        """m_r, the most tokens the latent of rank r may take in a batch of `n_tokens` (non-increasing in r)."""
         return zipf_capacities(self.cfg.n_latents, self.cfg.k * n_tokens, n_tokens, self.cfg.zipf_exponent).to(
             self.threshold.device
         )
 
+    @torch.no_grad()
+    def ranking(self, pre_bn: torch.Tensor) -> torch.Tensor:
+        """Latents in rank order for the capacities: by index, or by demand, a moving average
+        (rate `density_rate`) of how often each latent is among the batch's k B largest
+        pre-activations, the matches free allocation (mutual choice) would make; ties by index.
+        Demand is measured apart from the capacities: their own firing densities would only
+        repeat the order the capacities gave them. The same on every rank."""
+        if self.cfg.capacity_order == "index":
+            return torch.arange(self.cfg.n_latents, device=pre_bn.device)
+        _, cols, _ = batch_topk(pre_bn, self.cfg.k * len(pre_bn))
+        picks = distributed.sum_over_ranks(torch.bincount(cols, minlength=self.cfg.n_latents).float())
+        tokens = distributed.total_over_ranks(len(pre_bn), pre_bn.device)
+        update_ema(self.demand, picks / tokens, self.cfg.density_rate, self.demand_started)
+        return self.demand.argsort(descending=True, stable=True)
+
     def select(self, pre_bn: torch.Tensor, ctx: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
             return select_above(pre_bn, self.threshold)
-        capacity_n = self.capacities(distributed.total_over_ranks(len(pre_bn), pre_bn.device))
-        rows, cols, thresholds = feature_choice(pre_bn, capacity_n)
+        capacity_r = self.capacities(distributed.total_over_ranks(len(pre_bn), pre_bn.device))
+        order_r = self.ranking(pre_bn)
+        rows, ranked_cols, cuts_r = feature_choice(pre_bn[:, order_r], capacity_r)
+        cols = order_r[ranked_cols]
+        thresholds = torch.empty_like(cuts_r)
+        thresholds[order_r] = cuts_r
         update_ema(self.threshold, thresholds, self.cfg.threshold_rate, self.threshold_started)
         indices_bk, pre_bk = padded_code(rows, cols, pre_bn[rows, cols], len(pre_bn))
         self.track_density(indices_bk)
@@ -151,8 +184,9 @@ class FeatureChoiceSAE(MutualChoiceSAE):
 
 
 def zipf_capacities(n_latents: int, budget: int, n_tokens: int, exponent: float) -> torch.Tensor:
-    """m_i = clamp(c (i + 1)^-exponent, 1, n_tokens) rounded to integers, with the scale c chosen
-    so that sum_i m_i = budget (exactly, whenever n_latents <= budget <= n_latents * n_tokens)."""
+    """m_i = clamp(c (i + 1)^-exponent, 1, n_tokens) rounded to integers, non-increasing in i,
+    with the scale c chosen so that sum_i m_i = budget (exactly, whenever
+    n_latents <= budget <= n_latents * n_tokens)."""
     weights = torch.arange(1, n_latents + 1, dtype=torch.float64).pow(-exponent)
     budget = min(max(budget, n_latents), n_latents * n_tokens)
 
@@ -171,7 +205,9 @@ def zipf_capacities(n_latents: int, budget: int, n_tokens: int, exponent: float)
         # Largest remainders first; a latent already at the batch size takes no more.
         room = torch.where(capacity < n_tokens, exact - capacity, torch.full_like(exact, -1.0))
         capacity[room.topk(short).indices] += 1
-    return capacity.long()
+    # Equal weights (exponent 0) have equal remainders, and the one taken may follow one left:
+    # sorting keeps the capacities non-increasing, as feature_choice's grouping needs.
+    return capacity.sort(descending=True).values.long()
 
 
 def feature_choice(pre_bn: torch.Tensor, capacity_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
