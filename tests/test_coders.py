@@ -157,7 +157,7 @@ def test_batch_topk_equals_one_global_topk(crowded_rows):
 
 
 def test_feature_choice_respects_each_capacity():
-    coder = make("feature_choice")
+    coder = make("feature_choice", capacity_order="index")
     x, _ = data()
     code = coder.encode(x)
     counts = torch.bincount(code.indices_bk[code.indices_bk >= 0], minlength=N)

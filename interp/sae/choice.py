@@ -26,7 +26,11 @@ Choices where the paper leaves room (ours, and why):
   it is among the batch's k B largest pre-activations, which free allocation would pick). Ranking
   by the latents' own firing densities instead would change nothing: the capacities make those
   densities, so the order they start in is a fixed point (bench/choice_readings.py (c) found the
-  runs bit-identical). A feature can take at most the B tokens of the batch and at least one, so
+  runs bit-identical). The default is 'demand': on SmolLM2 layer 12 at 9,216 latents, k 16, it
+  lowers held-out FVU by about 0.02 against 'index' at exponents 0.5 and 1 (which tie; the
+  uniform exponent 0 is worse by 0.05), and the paper's exponent 1 stays (docs/results.md).
+  Feature choice still trails BatchTopK there by 0.03 FVU, so the capacity rule we read is not
+  why the paper's claim does not reproduce. A feature can take at most the B tokens of the batch and at least one, so
   m_i = clamp(c w_i, 1, B) with the scale c chosen so that the capacities still sum to M
   (what the capped head cannot take goes to the rest in the same proportions), then rounded by
   largest remainder: sum_i m_i = M exactly, the same budget as TopK. (Capping without
@@ -40,11 +44,12 @@ Choices where the paper leaves room (ours, and why):
   exactly AuxK. The loss is AuxK restricted to the under-utilised latents: their top-k_aux
   pre-activations reconstruct the residual x - x_hat, L_aux = FVU(residual, their decode).
 - `aux_mask` chooses the auxiliary loss's latents: 'zipf' is the reading above, 'dead' AuxK's
-  mask (mutual choice then trains exactly as BatchTopK with AuxK). The default stays 'zipf', the
-  paper's loss as we read it, but bench/choice_readings.py (b) finds that reading harmful: on
-  SmolLM2 layer 12 at 9,216 latents, k 16, it masks 37% of the latents and leaves 26% silent over
-  the last fifth of training, against 0.01% with 'dead' (docs/results.md). A truer reading of the
-  paper's "under-utilised" is still to find; until then, prefer aux_mask dead.
+  mask (mutual choice then trains exactly as BatchTopK with AuxK). The default is 'dead':
+  bench/choice_readings.py (b) finds the 'zipf' reading harmful: on SmolLM2 layer 12 at 9,216
+  latents, k 16, it masks 37% of the latents and leaves 26% silent over the last fifth of
+  training, against 0.01% with 'dead', at a slightly worse FVU (docs/results.md). 'zipf' stays
+  for those who study the paper's loss; a reading of its "under-utilised" that helps is still
+  to find.
 - Inference on one token cannot depend on the batch, so in `eval()` mode both coders keep the
   latents whose pre-activation exceeds a threshold estimated in training (see allocation.py):
   mutual choice one global threshold (the smallest kept activation, as BatchTopK), feature choice
@@ -80,7 +85,7 @@ class MutualChoiceConfig(BatchTopKConfig):
     """Rate of the moving average of latent densities that aux_zipf_loss reads (choice coders)."""
     underuse_factor: float = 0.5
     """aux_zipf_loss treats a latent as under-utilised when its density is below this fraction of the Zipf law at its rank."""
-    aux_mask: str = "zipf"
+    aux_mask: str = "dead"
     """Latents the auxiliary loss may use: 'zipf' (under-utilised by the Zipf law, aux_zipf_loss) or 'dead' (unfired for the trainer's dead window, AuxK's mask)."""
 
     def __post_init__(self):
@@ -93,7 +98,7 @@ class MutualChoiceConfig(BatchTopKConfig):
 class FeatureChoiceConfig(MutualChoiceConfig):
     zipf_exponent: float = 1.0
     """Feature choice: the latent of rank r may take m_r ~ r^-exponent of the batch's k*B matches (0: uniform)."""
-    capacity_order: str = "index"
+    capacity_order: str = "demand"
     """Feature choice: rank latents for their capacities by 'index' (fixed) or by 'demand' (how often free allocation would pick them, largest first)."""
 
     def __post_init__(self):
