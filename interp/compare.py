@@ -15,17 +15,26 @@ The output folder holds one run folder per training run (a finished run is read 
 retrained, so an interrupted comparison continues where it stopped), `compare.json` (every run's
 metrics and the per-(k, architecture) means), `compare.md` (the table) and `compare.html` (a
 self-contained plotly figure).
+
+Besides the held-out metrics, each run gets (computed once, kept in `extra.json`, so runs
+evaluated before these existed are reused): its FVU under the batch allocation it trained with
+(batch-level coders only, on the held-out tokens in batches of the training batch size), and its
+steering effect (`interp.steering_effect`: KL per unit of added norm and the rise of the
+features' logit-lens tokens, over a seeded sample of live features, at one norm for every run).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from interp.activation_store import read_manifest
 from interp.atomic import write_json
@@ -40,19 +49,25 @@ from interp.run import (
     train_run,
 )
 from interp.sae import coder_class, load_sae
+from interp.sae.batchtopk import BatchTopKSAE
+from interp.steering_effect import SteeringEffectConfig, live_features, steering_effect
 from interp.train import CHECKPOINT, TrainConfig, norm_bound
 
 COLUMNS = {
     "fvu": "FVU",
+    "fvu_allocation": "FVU, batch allocation",
     "l0": "mean L0",
     "dead_frac": "dead frac",
     "loss_recovered": "loss recovered",
     "kl": "KL",
+    "kl_per_norm": "steer KL / norm",
+    "lens_rise": "steer lens rise",
     "train_tokens_per_s": "train tok/s",
 }
 """Metric key -> column title, in table order."""
 SPEED_FILE = "train_speed.json"
-LOWER_IS_BETTER = {"fvu": True, "dead_frac": True, "kl": True, "loss_recovered": False}
+EXTRA_FILE = "extra.json"
+LOWER_IS_BETTER = {"fvu": True, "dead_frac": True, "kl": True, "loss_recovered": False, "kl_per_norm": False, "lens_rise": False}
 
 
 @dataclass
@@ -65,6 +80,8 @@ class CompareConfig:
     """Sparsity budget k (active latents per token, on average for batch-level coders); repeat for several."""
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"flag": "seed"})
     """Training seed; repeat for several (the ranking is checked for agreement across them)."""
+    steering: SteeringEffectConfig = field(default_factory=SteeringEffectConfig)
+    """How each run's steering effect is measured."""
 
 
 def run_name(arch: str, k: int, seed: int) -> str:
@@ -100,9 +117,12 @@ def compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
     pending = [folders[key] for key in keys if not (folders[key] / EVAL_FILE).exists()]
     if pending:
         evaluate_together(base, pending, progress)
+    pending = [folder for folder in folders.values() if not (folder / EXTRA_FILE).exists()]
+    if pending:
+        evaluate_extra(base, cfg.steering, pending, progress)
     runs = []
     for (arch, k, seed), folder in folders.items():
-        metrics = json.loads((folder / EVAL_FILE).read_text())
+        metrics = json.loads((folder / EVAL_FILE).read_text()) | json.loads((folder / EXTRA_FILE).read_text())
         runs.append({"arch": arch, "k": k, "seed": seed, **{key: metrics[key] for key in COLUMNS}})
     summary = summarize(runs, cfg)
     result = {"settings": asdict(replace(cfg, base=base)), "runs": runs, **summary}
@@ -139,6 +159,26 @@ def evaluate_together(base: RunConfig, run_dirs: list[Path], progress: bool) -> 
         write_json(folder / EVAL_FILE, metrics)
 
 
+def evaluate_extra(base: RunConfig, steering: SteeringEffectConfig, run_dirs: list[Path], progress: bool) -> None:
+    """Allocation FVU and steering effect of each run (see the module docstring), into extra.json."""
+    coders = [load_sae(folder, device=base.device) for folder in run_dirs]
+    model = base.load()
+    heldout = heldout_activations(model, base.data, coder_hooks(coders[0]), base.eval_tokens)
+    hook, size = coders[0].cfg.hook, base.train.batch_size
+    x_nd = torch.cat([batch[hook] for batch in heldout])
+    whole = [{hook: x_nd[i:i + size]} for i in range(0, len(x_nd) - size + 1, size)]
+    if not whole:
+        raise BadInput(f"the {len(x_nd)} held-out tokens (--eval-tokens) do not fill one training batch of {size}")
+    strength = steering.steer_strength_ratio * float(x_nd.norm(dim=1).mean())
+    batches = heldout_token_batches(model, base.data, steering.steer_tokens)
+    for folder, coder in zip(tqdm(run_dirs, desc="steering and allocation", disable=not progress, leave=False), coders):
+        fvu_allocation = (reconstruction_metrics(coder, whole, allocation=True)["fvu"] if isinstance(coder, BatchTopKSAE)
+                          else float("nan"))
+        features = live_features(coder, heldout, steering.steer_features, steering.steer_seed)
+        effect = steering_effect(model, coder.eval(), batches, features, strength, steering.steer_lens_tokens)
+        write_json(folder / EXTRA_FILE, {"fvu_allocation": fvu_allocation, **effect})
+
+
 def summarize(runs: list[dict], cfg: CompareConfig) -> dict:
     """Mean and spread over seeds per (k, arch); per k and metric, whether every seed ranks the
     architectures in the same order."""
@@ -157,7 +197,7 @@ def summarize(runs: list[dict], cfg: CompareConfig) -> dict:
         for key, lower in LOWER_IS_BETTER.items():
             orders = set()
             for seed in cfg.seeds:
-                scored = {r["arch"]: r[key] for r in runs if r["k"] == k and r["seed"] == seed}
+                scored = {r["arch"]: r[key] for r in runs if r["k"] == k and r["seed"] == seed and not math.isnan(r[key])}
                 orders.add(tuple(sorted(scored, key=scored.get, reverse=not lower)))
             stable[f"k{k}:{key}"] = len(orders) == 1
     return {"table": rows, "ranking_stable_across_seeds": stable}
@@ -172,6 +212,8 @@ def markdown_table(result: dict) -> str:
         for key in COLUMNS:
             if key == "train_tokens_per_s":
                 cells.append(f"{row[key]:,.0f}")
+            elif math.isnan(row[key]):
+                cells.append("-")
             else:
                 cells.append(f"{row[key]:.4f} ± {row[key + '_spread'] / 2:.4f}")
         lines.append(f"| {row['k']} | {row['arch']} | " + " | ".join(cells) + " |")
@@ -188,7 +230,7 @@ def write_figure(result: dict, path: Path) -> None:
     from plotly.subplots import make_subplots
 
     keys = list(COLUMNS)
-    fig = make_subplots(rows=2, cols=3, subplot_titles=[COLUMNS[key] for key in keys])
+    fig = make_subplots(rows=3, cols=3, subplot_titles=[COLUMNS[key] for key in keys])
     ks = result["settings"]["ks"]
     for index, key in enumerate(keys):
         for k_index, k in enumerate(ks):
@@ -203,7 +245,7 @@ def write_figure(result: dict, path: Path) -> None:
             )
     base = result["settings"]["base"]
     fig.update_layout(
-        barmode="group", height=700, width=1200,
+        barmode="group", height=1000, width=1200,
         title=f"{base['model']} {(base.get('hooks') or [base.get('hook')])[0]}: sparse coders at matched sparsity ({base['train']['tokens']:,} training tokens)",
     )
     fig.write_html(path, include_plotlyjs=True)

@@ -453,13 +453,17 @@ def residual_directions(model, coder: SparseCoder) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def logit_lens(model, coder: SparseCoder, n_tokens: int = 10, chunk: int = 256) -> dict[str, torch.Tensor] | None:
-    """Top and bottom tokens of each feature's direction pushed through the final norm and the
-    unembedding, as the model treats its last residual; the norm's bias (a LayerNorm's shift, the
-    same for every input) is taken out so a direction is scored by its own effect."""
+def logit_lens(model, coder: SparseCoder, n_tokens: int = 10, chunk: int = 256,
+               features: list[int] | None = None) -> dict[str, torch.Tensor] | None:
+    """Top and bottom tokens of each feature's direction (of `features` only, in their order,
+    when given) pushed through the final norm and the unembedding, as the model treats its last
+    residual; the norm's bias (a LayerNorm's shift, the same for every input) is taken out so a
+    direction is scored by its own effect."""
     dirs_nd = residual_directions(model, coder)
     if dirs_nd is None:
         return None
+    if features is not None:
+        dirs_nd = dirs_nd[features]
     W_U = model.W_U  # (d_model, vocab)
     offset = model.ln_final(torch.zeros(1, 1, W_U.shape[0], dtype=W_U.dtype, device=W_U.device))[0, 0]
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")}

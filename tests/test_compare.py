@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 from safetensors.torch import load_file
@@ -8,6 +9,7 @@ from interp.compare import COLUMNS, CompareConfig, compare
 from interp.data import DataConfig
 from interp.run import CacheConfig, RunConfig, cache_run
 from interp.sae import load_sae
+from interp.steering_effect import SteeringEffectConfig
 from interp.train import TrainConfig
 
 
@@ -23,7 +25,8 @@ def store(tmp_path_factory):
 def test_compare_writes_table_json_and_figure(store, tmp_path, monkeypatch):
     base = RunConfig(hooks=[], expansion=2, activations=str(store), buffer_tokens=512, eval_tokens=200, splice_tokens=60,
                      train=TrainConfig(tokens=512, batch_size=128, eval_every=0))
-    cfg = CompareConfig(base, archs=["topk", "feature_choice", "gradient"], ks=[4], seeds=[0, 1])
+    cfg = CompareConfig(base, archs=["topk", "feature_choice", "gradient"], ks=[4], seeds=[0, 1],
+                        steering=SteeringEffectConfig(steer_features=3, steer_tokens=64))
     result = compare(cfg, tmp_path, progress=False)
     assert len(result["runs"]) == 6 and len(result["table"]) == 3
     # Read from the store, into the comparison's own copy: the caller's settings are left as they were.
@@ -32,13 +35,21 @@ def test_compare_writes_table_json_and_figure(store, tmp_path, monkeypatch):
     assert base.hooks == [] and base.model == "smollm2-135m"
     for row in result["table"]:
         assert set(COLUMNS) <= set(row) and row["train_tokens_per_s"] > 0
+        assert row["kl_per_norm"] > 0 and math.isfinite(row["lens_rise"])
+        # Only batch-level coders have an allocation to be scored under.
+        assert math.isnan(row["fvu_allocation"]) == (row["arch"] != "feature_choice")
     table = (tmp_path / "compare.md").read_text()
     assert "| 4 | gradient |" in table and "loss recovered" in table and "Ranking identical across seeds" in table
+    assert "steer KL / norm" in table and "| - |" in table
     assert json.loads((tmp_path / "compare.json").read_text())["settings"]["ks"] == [4]
     html = (tmp_path / "compare.html").read_text()
     assert "Plotly.newPlot" in html and "<script src=\"http" not in html  # plotly.js inlined: self-contained
     # A second call reads finished runs back instead of training them again.
     monkeypatch.setattr(compare_module, "train_run", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert compare(cfg, tmp_path, progress=False)["runs"] == result["runs"]
+    # A run evaluated before the extra measures existed gets them, from its saved coder alone.
+    (tmp_path / "runs" / "topk-k4-s1" / "extra.json").unlink()
+    monkeypatch.setattr(compare_module, "evaluate_together", lambda *a, **k: pytest.fail("re-evaluated a finished run"))
     assert compare(cfg, tmp_path, progress=False)["runs"] == result["runs"]
 
 
