@@ -11,6 +11,7 @@ is the global batch's gradient.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +32,15 @@ def rank_and_world(device: str) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # A group left to the interpreter's shutdown can abort the process ("terminate called
+        # without an active exception": gloo's worker threads outlive the interpreter; pytorch#190489).
+        atexit.register(_leave_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
