@@ -20,6 +20,10 @@ Choices (ours):
   the gradient is taken at the target hook, the space W_dec writes into.
 - Gradients come from the activation source (`ModelChunks(with_grads=True)`, or a store written
   by `interp cache --with-grads`): one backward pass from the loss to the hooked activation.
+- beta defaults to 1, from `bench/gsae_readings.py` on SmolLM2 layer 12 (docs/results.md, "g-SAE's
+  gradient term"): in normalised units beta 1 changes about 11% of a token's TopK selection and
+  beta 10 over 40%; above 1, FVU, the first-order loss proxy |g . (x_hat - x)| and the spliced
+  loss all get worse, and at 1 the spliced loss is slightly below TopK's at 0.001 higher FVU.
 - Without a gradient (inference, splicing into the model, `interp eval`) the coder selects by
   plain TopK on z, the beta = 0 limit: one forward pass, no backward. In training a missing
   gradient is an error, not a silent fallback.
