@@ -23,7 +23,7 @@ Choices (ours):
 - beta defaults to 1, from `bench/gsae_readings.py` on SmolLM2 layer 12 (docs/results.md, "g-SAE's
   gradient term"): in normalised units beta 1 changes about 11% of a token's TopK selection and
   beta 10 over 40%; above 1, FVU, the first-order loss proxy |g . (x_hat - x)| and the spliced
-  loss all get worse, and at 1 the spliced loss is slightly below TopK's at 0.001 higher FVU.
+  loss all get worse, and at 1 the spliced loss is slightly below TopK's at 0.001 higher FVU (one seed).
 - Without a gradient (inference, splicing into the model, `interp eval`) the coder selects by
   plain TopK on z, the beta = 0 limit: one forward pass, no backward. In training a missing
   gradient is an error, not a silent fallback.
