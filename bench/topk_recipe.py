@@ -87,7 +87,7 @@ def train_interp(x_nd: torch.Tensor, hook: str, args, train: dict, coder_options
     def model_units(trainer: Trainer, batch: dict) -> None:
         coder.in_scale.fill_(1.0)
         coder.out_scale.fill_(1.0)
-        coder.init_decoder_bias(batch[hook], cfg.b_dec_init)
+        coder.init_from_data(batch[hook], cfg.b_dec_init)
 
     train_one_pass(coder, x_nd, cfg, after_init=model_units if bench.get("raw_units") else None)
     return coder

@@ -114,6 +114,14 @@ def ablate(coder: SparseCoder, feature: int) -> FeatureEdit:
     return scale(coder, feature, 0.0)
 
 
+def activate_code(coder: SparseCoder, code: int) -> FeatureEdit:
+    """Turn a discrete coder's code on wherever it is off (Tamkin et al. activate codes so): its
+    activation clamped through the coder to the code's norm, the coder's error kept."""
+    if not coder.discrete:
+        raise BadInput(f"only a discrete coder (codebook) has codes to activate; a {coder.arch} coder's features take --clamp VALUE")
+    return clamp(coder, code, float(coder.code_norm.detach()[coder.check_feature(code)]))
+
+
 def parse_positions(text: str) -> Positions:
     """'all', 'new' or comma-separated positions ('3,4,5'), as the command line gives them."""
     if text in ("all", "new"):
@@ -313,6 +321,8 @@ class SteerConfig:
     """Multiply the feature's activation by this through the coder; one for all or one per --feature."""
     ablate: bool = False
     """Remove the features' contributions through the coder (its error kept)."""
+    activate: bool = False
+    """Turn the features on through the coder, each at its code's norm (a codebook coder's codes)."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def prompts(self) -> list[str]:
@@ -321,10 +331,11 @@ class SteerConfig:
 
     def interventions(self, coder: SparseCoder) -> list[Intervention]:
         """One intervention per feature, of the one kind the settings name."""
-        modes = {"--strength": self.strength, "--clamp": self.clamp, "--scale": self.scale, "--ablate": [0.0] if self.ablate else None}
+        modes = {"--strength": self.strength, "--clamp": self.clamp, "--scale": self.scale,
+                 "--ablate": [0.0] if self.ablate else None, "--activate": [0.0] if self.activate else None}
         chosen = [name for name, values in modes.items() if values]
         if len(chosen) != 1:
-            raise BadInput(f"give exactly one of --strength, --clamp, --scale, --ablate (got {', '.join(chosen) or 'none'})")
+            raise BadInput(f"give exactly one of --strength, --clamp, --scale, --ablate, --activate (got {', '.join(chosen) or 'none'})")
         if not self.feature:
             raise BadInput("name at least one --feature to steer with")
         mode, values = chosen[0], modes[chosen[0]]
@@ -332,13 +343,15 @@ class SteerConfig:
             values = values * len(self.feature)
         if len(values) != len(self.feature):
             raise BadInput(f"{mode} takes one value, or one per --feature ({len(self.feature)}); got {len(values)}")
-        build = {"--strength": add_feature, "--clamp": clamp, "--scale": scale, "--ablate": lambda c, f, _: ablate(c, f)}[mode]
+        build = {"--strength": add_feature, "--clamp": clamp, "--scale": scale, "--ablate": lambda c, f, _: ablate(c, f),
+                 "--activate": lambda c, f, _: activate_code(c, f)}[mode]
         return [build(coder, f, v) for f, v in zip(self.feature, values)]
 
     def describe(self) -> str:
         """Which features are steered how, for a heading."""
-        mode = "ablate" if self.ablate else next(m for m in ("strength", "clamp", "scale") if getattr(self, m))
-        values = getattr(self, mode) if mode != "ablate" else None
+        flag = next((m for m in ("ablate", "activate") if getattr(self, m)), None)
+        mode = flag or next(m for m in ("strength", "clamp", "scale") if getattr(self, m))
+        values = None if flag else getattr(self, mode)
         if values is not None and len(values) == 1:
             values = values * len(self.feature)
         return ", ".join(f"{f} ({mode}{'' if values is None else ' ' + str(v)})" for f, v in zip(self.feature, values or [None] * len(self.feature)))

@@ -301,7 +301,7 @@ class Trainer:
             coder.set_max_input_norm(norm_bound(batch[coder.cfg.hook], self.cfg.max_norm_ratio))
         x, target = self.inputs(self.covered(batch))
         coder.fit_normalization(x, target)
-        coder.init_decoder_bias(x if target is None else target, self.cfg.b_dec_init)
+        coder.init_from_data(x if target is None else target, self.cfg.b_dec_init)
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(what the coder reads, what it reconstructs: None for an SAE, which reconstructs its input)."""

@@ -57,8 +57,8 @@ def dense(code, n=N):
 
 
 def test_registry_names():
-    assert set(REGISTRY) == {"topk", "batchtopk", "mutual_choice", "feature_choice", "gradient", "jumprelu"}
-    assert TRAINED == ["batchtopk", "feature_choice", "gradient", "mutual_choice", "topk"]
+    assert set(REGISTRY) == {"topk", "batchtopk", "mutual_choice", "feature_choice", "gradient", "codebook", "jumprelu"}
+    assert TRAINED == ["batchtopk", "codebook", "feature_choice", "gradient", "mutual_choice", "topk"]
 
 
 def test_unknown_option_is_a_clear_error():
@@ -85,7 +85,7 @@ def test_shapes_and_save_load_round_trip(arch, tmp_path):
     coder = make(arch)
     x, grad = data()
     coder.fit_normalization(x)
-    coder.init_decoder_bias(x)
+    coder.init_from_data(x)
     warm_up(coder)
     out = coder(x, ctx=context(coder, grad))
     assert out.x_hat.shape == (B, D) and out.code.indices_bk.shape == out.code.values_bk.shape
@@ -115,7 +115,10 @@ def test_gradients_reach_only_active_latents(arch):
     assert active.any()
     assert torch.equal(coder.W_enc.grad.abs().sum(1) > 0, active)
     assert torch.equal(coder.W_dec.grad.abs().sum(1) > 0, active)
-    assert coder.b_dec.grad.abs().sum() > 0
+    if coder.discrete:  # no bias; the chosen codes' norms learn
+        assert torch.equal(coder.code_norm.grad != 0, active)
+    else:
+        assert coder.b_dec.grad.abs().sum() > 0
     assert (out.code.values_bk[out.code.indices_bk < 0] == 0).all()
 
 
@@ -124,6 +127,33 @@ def test_topk_and_gradient_keep_exactly_k():
         coder = make(arch)
         x, grad = data()
         assert ((coder.encode(x, context(coder, grad)).indices_bk >= 0).sum(1) == K).all()
+
+
+def test_codebook_replaces_each_token_by_the_sum_of_its_k_most_similar_codes():
+    coder = make("codebook")
+    x, _ = data()
+    coder.fit_normalization(x)
+    with torch.no_grad():
+        coder.code_norm.uniform_(0.2, 3.0)
+    warm_up(coder)
+    # The paper's definition, by hand: cosine similarity to each code vector, the k best, their sum.
+    codes_nd = coder.code_norm.detach()[:, None] * coder.W_dec.detach()
+    x_norm = x * coder.in_scale
+    similarity_bn = torch.nn.functional.cosine_similarity(x_norm[:, None, :], codes_nd[None], dim=-1)
+    best_bk = similarity_bn.topk(K, dim=1).indices
+    code = coder.encode(x)
+    assert torch.equal(code.indices_bk.sort(1).values, best_bk.sort(1).values)
+    torch.testing.assert_close(coder.reconstruct(x), codes_nd[best_bk].sum(1) / coder.out_scale, atol=1e-5, rtol=1e-5)
+    # A token's code is a set of integers: every chosen code's value is its norm, whatever x is.
+    torch.testing.assert_close(code.values_bk, coder.code_norm.detach()[code.indices_bk])
+    assert coder(x).x_hat.shape == x.shape and coder.cfg.k == K
+
+
+def test_a_codebook_is_not_a_transcoder():
+    with pytest.raises(ValueError, match="cannot be a transcoder"):
+        make("codebook", target_hook="blocks.0.hook_mlp_out")
+    with pytest.raises(ValueError, match="cannot be a transcoder"):
+        make("codebook", skip=True)
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "mutual_choice"])
@@ -329,6 +359,7 @@ def test_attention_output_coder_attributes_latents_to_heads():
         ("gradient", "blocks.0.hook_resid_post", {}),
         ("mutual_choice", "blocks.0.ln2.hook_normalized", {"transcode": True, "skip": True}),
         ("feature_choice", "blocks.1.attn.hook_z", {}),
+        ("codebook", "blocks.1.attn.hook_z", {}),
     ],
 )
 def test_train_run_on_the_tiny_model(arch, hook, extra, tmp_path):

@@ -24,7 +24,7 @@ def fitted(arch="topk", hook="blocks.0.hook_resid_post", target=None, d_in=D, d_
     y = (data[target] if data else torch.randn(256, d_out or d_in)) if target else None
     with torch.no_grad():
         coder.fit_normalization(x, y)
-        coder.init_decoder_bias(x if y is None else y)
+        coder.init_from_data(x if y is None else y)
         if skip:
             coder.W_skip.normal_(0, 0.1)
         if arch == "jumprelu":
@@ -153,21 +153,28 @@ def test_bad_splices_are_clear_errors(tiny_model):
             tiny_model(tokens_of(tiny_model))
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
-@pytest.mark.parametrize("kind", ["sae", "transcoder", "skip"])
+@pytest.mark.parametrize(
+    "arch,kind",
+    [(arch, kind) for arch in sorted(REGISTRY) for kind in ("sae", "transcoder", "skip")
+     if kind == "sae" or not REGISTRY[arch].discrete],
+)
 def test_model_units_reproduce_the_coder(arch, kind):
     target = None if kind == "sae" else "t"
     coder = fitted(arch, hook="h", target=target, d_out=48 if target else None, skip=kind == "skip")
     with torch.no_grad():
-        coder.b_enc.normal_(0, 0.1)
+        if coder.discrete:  # codes of different norms, no bias
+            coder.code_norm.uniform_(0.5, 2.0)
+        else:
+            coder.b_enc.normal_(0, 0.1)
     x = torch.randn(40, D) * 3
     units = coder.model_units()
     with torch.no_grad():
         pre = x @ units.W_enc.T + units.b_enc
         torch.testing.assert_close(pre, coder.preacts(coder.encoder_input(coder.normalized_input(x))), atol=1e-4, rtol=1e-4)
         code = coder.encode(x)
-        values = torch.relu(pre).gather(1, code.indices_bk.clamp(min=0)) * (code.indices_bk >= 0)
-        torch.testing.assert_close(values, code.values_bk, atol=1e-4, rtol=1e-4)
+        # A code's value is its norm, a threshold family's ReLU(z); either way decoding below is the check.
+        values = coder.code_norm[code.indices_bk] if coder.discrete else torch.relu(pre).gather(1, code.indices_bk.clamp(min=0))
+        torch.testing.assert_close(values * (code.indices_bk >= 0), code.values_bk, atol=1e-4, rtol=1e-4)
         dense = torch.zeros(40, coder.cfg.n_latents).scatter_add_(1, code.indices_bk.clamp(min=0), code.values_bk)
         x_hat = dense @ units.W_dec + units.b_dec
         if units.W_skip is not None:

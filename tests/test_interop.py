@@ -257,6 +257,9 @@ def test_what_a_format_cannot_hold_is_a_clear_error(tmp_path):
         export(fitted("topk", "blocks.0.hook_resid_pre"), "sparsify", tmp_path / "c")
     with pytest.raises(BadInput, match="unknown format"):
         export(fitted("topk"), "neuronpedia", tmp_path / "d")
+    for fmt in ("saelens", "sparsify"):
+        with pytest.raises(BadInput, match="codes' norms"):
+            export(fitted("codebook"), fmt, tmp_path / fmt)
 
 
 def saelens_folder(tmp_path, **changes):

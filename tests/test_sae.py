@@ -48,7 +48,7 @@ def test_normalization_is_saved_and_outputs_reproduced(tmp_path):
     sae = make()
     x = torch.randn(100, 16) * 7
     sae.fit_normalization(x)
-    sae.init_decoder_bias(x)
+    sae.init_from_data(x)
     assert (sae.normalized_input(x).norm(dim=1).pow(2).mean()).item() == pytest.approx(16, rel=1e-4)
     sae.save(tmp_path / "sae")
     loaded = load_sae(tmp_path / "sae")

@@ -19,6 +19,7 @@ from interp.steering import (
     GenerateConfig,
     _position_mask,
     ablate,
+    activate_code,
     add_direction,
     add_feature,
     applied,
@@ -91,6 +92,29 @@ def test_clamp_scale_and_several_features(tiny_model):
     delta = (5.0 - v3)[..., None] * feature_direction(coder, 3) + v7[..., None] * feature_direction(coder, 7)
     delta[:, 0] = 0
     torch.testing.assert_close(edited, x + delta, atol=1e-5, rtol=1e-5)
+
+
+def test_activating_a_code_adds_it_where_it_was_off(tiny_model):
+    coder = create_coder("codebook", d_in=64, n_latents=128, k=8, hook="blocks.0.hook_resid_post", model="tiny-llama")
+    with torch.no_grad():
+        coder.in_scale.fill_(3.0)
+        coder.out_scale.fill_(3.0)
+        coder.code_norm.uniform_(0.5, 2.0)
+    coder.eval()
+    tokens = tiny_model.to_tokens("Turn one code on everywhere.")
+    x, _ = capture(tiny_model, tokens, coder.cfg.hook)
+    edited, _ = capture(tiny_model, tokens, coder.cfg.hook, activate_code(coder, 17))
+    # By hand: the code's vector (its norm times its direction, in model units) is added at every
+    # token but BOS whose 8 most cosine-similar codes do not already hold it.
+    codes_nd = coder.code_norm.detach()[:, None] * coder.W_dec.detach()
+    similar = torch.nn.functional.cosine_similarity(x[0][:, None, :], codes_nd[None], dim=-1).topk(8, dim=1).indices
+    off_t = ~(similar == 17).any(1)
+    off_t[0] = False
+    assert off_t.sum() >= 2
+    expected = x[0] + off_t[:, None] * codes_nd[17] / coder.out_scale
+    torch.testing.assert_close(edited[0], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="only a discrete coder"):
+        activate_code(tiny_coder(), 17)
 
 
 def test_add_direction_at_chosen_positions(tiny_model):

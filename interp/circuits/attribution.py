@@ -142,22 +142,23 @@ def edges_into(model, tokens_nt: torch.Tensor, upstream: CoderState, up_patched:
     x_down = acts[downstream.coder.cfg.hook]
     y_down = acts[downstream.hook]
     units = downstream.coder.model_units()
+    # d f_i / dx: W_enc[i] (model units) where latent i is active; none for a discrete coder's codes
+    jacobian = torch.zeros_like(units.W_enc) if downstream.coder.discrete else units.W_enc
     device = downstream.y_ntd.device
     active_ntk = downstream.f_ntk > 0
     out = []
     for target in targets:
         in_group = (groups.ids_nt == target.group).to(device)[..., None]
         if target.kind == "feature":
-            # d f_i / dx is W_enc[i] (model units) where the latent is active, 0 elsewhere
             w_nt = (down_grad_ntd @ units.W_dec[target.latent]) * active_ntk[..., target.latent]
-            g_x = (w_nt[..., None] * in_group) * units.W_enc[target.latent]
+            g_x = (w_nt[..., None] * in_group) * jacobian[target.latent]
             g_y = torch.zeros_like(down_grad_ntd)
         else:
             w_ntd = down_grad_ntd * in_group
             g_y = w_ntd if target.kind == "error" else torch.zeros_like(w_ntd)
             if target.kind == "error":
                 # e = y - reconstruction(x): d/dx of w . reconstruction is sum over active i of (W_dec[i] . w) W_enc[i], plus W_skip^T w
-                g_x = -(((w_ntd @ units.W_dec.T) * active_ntk) @ units.W_enc)
+                g_x = -(((w_ntd @ units.W_dec.T) * active_ntk) @ jacobian)
                 if units.W_skip is not None:
                     g_x = g_x - w_ntd @ units.W_skip
             else:

@@ -119,6 +119,8 @@ def _hooks(meta: dict, transcoder: bool, where: str) -> tuple[str, str | None]:
 
 def to_saelens(coder: SparseCoder, model_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(cfg.json, tensors) of the SAE Lens folder computing what `coder` computes (in eval mode)."""
+    if coder.discrete:
+        raise BadInput(f"SAE Lens has no discrete coders: a {coder.arch} coder's activations are its codes' norms, not ReLU(z)")
     transcoder = coder.cfg.target_hook is not None
     thresholded = hasattr(coder, "threshold")
     if transcoder and not thresholded:

@@ -93,6 +93,8 @@ def from_sparsify(cfg: dict, tensors: dict[str, torch.Tensor], hookpoint: str, w
 def to_sparsify(coder: SparseCoder, gain: torch.Tensor | None = None) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(hookpoint, cfg.json, tensors) of the sparsify coder computing what `coder` computes.
     `gain` is the MLP norm's elementwise gain, needed for a transcoder reading ln2.hook_normalized."""
+    if coder.discrete:
+        raise BadInput(f"sparsify holds only TopK coders; a {coder.arch} coder's activations are its codes' norms, not ReLU(z)")
     if hasattr(coder, "threshold") or coder.arch not in ("topk", "gradient"):
         raise BadInput(f"sparsify holds only TopK coders; a {coder.arch} coder selects by threshold (--to saelens writes it as jumprelu)")
     transcoder = coder.cfg.target_hook is not None

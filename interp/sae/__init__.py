@@ -15,6 +15,7 @@ from interp.sae.base import (
     SparseCoder,
 )
 from interp.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from interp.sae.codebook import CodebookConfig, CodebookSAE
 from interp.sae.choice import (
     FeatureChoiceConfig,
     FeatureChoiceSAE,
@@ -27,7 +28,7 @@ from interp.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from interp.sae.topk import TopKConfig, TopKSAE
 
 REGISTRY: dict[str, type[SparseCoder]] = {
-    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, MutualChoiceSAE, FeatureChoiceSAE, GradientSAE, JumpReLUSAE)
+    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, MutualChoiceSAE, FeatureChoiceSAE, GradientSAE, CodebookSAE, JumpReLUSAE)
 }
 
 
@@ -60,7 +61,7 @@ def load_sae(folder: str | Path, device: str = "cpu", hookpoint: str | None = No
 
 
 __all__ = [
-    "REGISTRY", "BatchTopKConfig", "BatchTopKSAE", "CoderConfig", "CoderOutput", "FeatureChoiceConfig",
+    "REGISTRY", "BatchTopKConfig", "BatchTopKSAE", "CodebookConfig", "CodebookSAE", "CoderConfig", "CoderOutput", "FeatureChoiceConfig",
     "FeatureChoiceSAE", "GradientConfig", "GradientSAE", "JumpReLUConfig", "JumpReLUSAE", "ModelUnits", "MutualChoiceConfig", "MutualChoiceSAE",
     "SelectContext", "SparseCode", "SparseCoder", "TopKConfig", "TopKSAE", "coder_class", "create_coder", "load_sae",
 ]

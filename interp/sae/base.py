@@ -4,7 +4,7 @@ model-unit view, and the training support the trainer calls.
 Notation (as in ../shared/ALGORITHMS.md): x is the hooked activation (d), W_enc (n x d), b_enc (n),
 W_dec (n x d here: row i is latent i's unit-norm decoder direction, so the sparse decode gathers
 contiguous rows), b_dec (d). Pre-activations z = W_enc (x - b_dec) + b_enc. A family decides which
-latents are active (`select`); values are ReLU(z) at those latents; x_hat = sum values * W_dec + b_dec.
+latents are active (`select`); values are ReLU(z) at those latents (a discrete family, the codebook, gives its codes constant values instead); x_hat = sum values * W_dec + b_dec.
 
 Inputs are scaled by one constant so that E ||x||^2 = d (and targets by their own constant), which
 makes learning rates transfer across models and layers; the constants are buffers saved with the
@@ -128,6 +128,9 @@ class SparseCoder(nn.Module):
     """Whether training selects latents with the loss gradient (`SelectContext.grad`)."""
     trainable: ClassVar[bool] = True
     """Whether interp's trainer can train the family (some are only read from other libraries)."""
+    discrete: ClassVar[bool] = False
+    """Whether a chosen latent's value is a constant of the latent (a code) rather than ReLU(z): its
+    activation then has no gradient with respect to the input."""
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()
@@ -329,8 +332,9 @@ class SparseCoder(nn.Module):
             )
 
     @torch.no_grad()
-    def init_decoder_bias(self, target: torch.Tensor, method: str = "geometric_median") -> None:
-        """b_dec from the data: its geometric median (Gao et al.) or its mean, normalised units."""
+    def init_from_data(self, target: torch.Tensor, method: str = "geometric_median") -> None:
+        """What starts from the first batch (after `fit_normalization`): b_dec, from the target's
+        geometric median (Gao et al.) or its mean (`method`), normalised units."""
         points = target.float() * self.out_scale
         if method == "mean":
             self.b_dec.copy_(points.mean(0))
