@@ -18,6 +18,7 @@ import typer
 from interp.cli.options import Given, coder_options, config_options, field_docs, takes
 
 from interp.circuits.circuit import CircuitConfig
+from interp.circuits.head_codes import HeadsConfig
 from interp.circuits.tracing import GraphConfig
 from interp.compare import CompareConfig
 from interp.data import DataConfig
@@ -373,6 +374,36 @@ def circuit_find(
     for node in result["nodes"][:15]:
         typer.echo(f"  {node['effect']:+.4f}  {node['id']}")
     typer.echo(f"wrote {out / 'circuit.json'} and {page}")
+
+
+@circuit_app.command("heads")
+@user_errors
+@takes(config_options(HeadsConfig), config_options(ModelConfig))
+def circuit_heads(
+    given: Given,
+    out: Annotated[Path, typer.Option(help="Folder for heads.json, heads.html and coder/ (the discretiser).")] = Path("runs/heads"),
+):
+    """Which attention heads a task uses, from discrete codes (O'Neill & Bui 2024): a coder shared
+    by every head discretises each head's output per prompt; a head scores the codes it takes on
+    clean prompts and never on corrupt ones. Checked against exact activation patching of each
+    head (the reference) and path patching of edges among its strongest heads, with attribution
+    patching beside it."""
+    from interp.atomic import write_json
+    from interp.circuits.head_codes import find_heads
+    from interp.circuits.page import AGREEMENT, format_score, write_heads_page
+
+    model = given.apply(ModelConfig()).load()
+    result, coder = find_heads(model, given.apply(HeadsConfig()))
+    write_json(out / "heads.json", result)
+    coder.save(out / "coder")
+    page = write_heads_page(result, out / "heads.html")
+    typer.echo(f"task {result['task']}: {result['prompts']} prompts; reference heads (exact patching): {', '.join(result['reference_heads'])}")
+    for name, scores in (("codes", result["nodes"]["codes"]), ("attribution", result["nodes"]["attribution"])):
+        typer.echo(f"  {name:12s} " + ", ".join(f"{label} {format_score(scores[key])}" for key, label in AGREEMENT.items()))
+    if "codes" in result["edges"]:
+        typer.echo("  edges, codes " + ", ".join(f"{label} {format_score(result['edges']['codes'][key])}" for key, label in AGREEMENT.items()))
+    typer.echo("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+    typer.echo(f"wrote {out / 'heads.json'}, {page} and {out / 'coder'}")
 
 
 @circuit_app.command("graph")

@@ -68,6 +68,18 @@ class ModelChunks:
             log.warning("dataset exhausted after %d batches; starting epoch %d", index, epoch + 1)
 
 
+class TensorChunks:
+    """Activations already in memory ({key: (rows, d)}) as a chunk source: the whole of them is
+    one chunk, and each epoch yields it again."""
+
+    def __init__(self, acts: Activations):
+        self.acts = acts
+
+    def chunks(self, start: int = 0, every: int = 1, offset: int = 0) -> Iterator[Activations]:
+        while True:
+            yield self.acts
+
+
 class Share:
     """One rank's share of a chunk source under data parallelism: chunks rank, rank + world,
     rank + 2 world, ...; its chunk j is the source's chunk rank + world j, so a resumed rank reads

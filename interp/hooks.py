@@ -145,6 +145,15 @@ def capture(
     return out
 
 
+@torch.no_grad()
+def patched_logits(model, tokens_bt: torch.Tensor, patch: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """(batch, pos, vocab) logits of a forward pass in which `patch[hook](act)` replaces each named
+    activation (batch, pos, *dims) before anything reads it (activation patching)."""
+    check_hooks(model, list(patch))
+    by_name = {model.hook_dict[hook].name: fn for hook, fn in patch.items()}
+    return model.run_with_hooks(tokens_bt.to(model.cfg.device), fwd_hooks=[(name, lambda act, hook: by_name[hook.name](act)) for name in by_name])
+
+
 @dataclass
 class Spliced:
     """What one spliced coder did in the latest forward pass, over the tokens it edited."""

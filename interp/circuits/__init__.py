@@ -12,6 +12,8 @@ connect, and whether they are the mechanism (faithfulness, completeness), in dat
   norms; exact edges, checked by the sum rule and by interventions);
 - `pruning.py`: influence on the target and pruning by it;
 - `heads.py`: a graph's edges split by the attention head they pass through first;
+- `head_codes.py`: `find_heads(model, HeadsConfig(...))`, the heads a task uses from discrete
+  codes (O'Neill & Bui 2024), against exact activation and path patching, with attribution patching;
 - `tracing.py`: `trace(model, coders, GraphConfig(...))`, a graph built, checked, pruned and split
   in one call, and its export in circuit-tracer's graph JSON.
 """

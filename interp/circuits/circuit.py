@@ -22,7 +22,7 @@ from interp.circuits.attribution import (
     node_effects,
 )
 from interp.circuits.states import BASELINES, CoderState, Node, baseline, coder_states
-from interp.circuits.tasks import Task, build_task, check_model_does_task
+from interp.circuits.tasks import Task, TaskConfig, build_task, check_model_does_task
 from interp.circuits.tasks import baseline as task_baseline
 from interp.errors import BadInput, check_positive
 from interp.hooks import output_hook
@@ -31,13 +31,9 @@ from interp.sae.base import SparseCoder
 
 
 @dataclass
-class CircuitConfig:
-    task: str = "ioi"
-    """A built-in task (ioi, greater_than, induction, agreement) or a .jsonl file of prompt, corrupt, answer, wrong."""
-    prompts: int = 64
-    """Prompts built for a built-in task: half find the circuit, half check it."""
-    seed: int = 0
-    """Seed of the built-in task's prompts and of the random circuits."""
+class CircuitConfig(TaskConfig):
+    """Half the prompts find the circuit, half check it; the seed also draws the random circuits."""
+
     method: str = "ig"
     """Node effects by integrated gradients ("ig") or attribution patching ("atp", one forward and backward)."""
     steps: int = 10
@@ -46,8 +42,6 @@ class CircuitConfig:
     """What a patched or ablated node is set to: its value on the corrupt prompt ("corrupt"), its mean over the other half of the prompts ("mean"), or 0 ("zero")."""
     group_by: str = "role"
     """Nodes per role of the task ("role": IO, S2, END, ..., other positions together), per position ("position") or over all positions ("all")."""
-    min_accuracy: float = 0.6
-    """Refuse a task on which fewer clean prompts than this share have a positive metric."""
     edge_targets: int = 5
     """Edges are computed into this many of each coder's strongest nodes, from every node of the coder upstream."""
     edge_sources: int = 20
@@ -64,10 +58,9 @@ class CircuitConfig:
             raise BadInput(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.baseline not in BASELINES:
             raise BadInput(f"unknown baseline {self.baseline!r}; choose one of {', '.join(BASELINES)}")
-        for name in ("prompts", "steps", "top_nodes"):
+        super().__post_init__()
+        for name in ("steps", "top_nodes"):
             check_positive(name, getattr(self, name))
-        if not 0 <= self.min_accuracy <= 1:
-            raise BadInput(f"min_accuracy must be between 0 and 1, got {self.min_accuracy}")
 
 
 def node_id(coders: list[SparseCoder], node: Node, groups: Groups) -> str:

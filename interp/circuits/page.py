@@ -195,3 +195,58 @@ def write_graph_page(result: dict, path: str | Path, features: dict[str, Feature
 <table><tr><th>edge</th><th>weight</th><th>residual path</th><th>first attention head (layer.head: part)</th></tr>{rows_split}</table>"""
     write_text(path, _page(f"interp graph: {result['target']['label']}", body, len(result["nodes"][:200])))
     return path
+
+
+HEAD_PANELS = (("exact_effect", "exact patching effect"), ("attribution_effect", "attribution patching"), ("code_score", "code score"))
+
+
+def heads_figure(result: dict) -> go.Figure:
+    """Three layer x head heat-maps side by side: each head's exact patching effect (the
+    reference), attribution patching's estimate of it, and the code method's score."""
+    from plotly.subplots import make_subplots
+
+    n_layers, n_heads = result["n_layers"], result["n_heads"]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title in HEAD_PANELS], horizontal_spacing=0.08)
+    reference = set(result["reference_heads"])
+    for col, (key, title) in enumerate(HEAD_PANELS, start=1):
+        values = result[key]
+        grid = [[values[layer * n_heads + head] for head in range(n_heads)] for layer in range(n_layers)]
+        text = [[("* " if f"L{layer}H{head}" in reference else "") + f"L{layer}H{head}" for head in range(n_heads)]
+                for layer in range(n_layers)]
+        signed = key != "code_score"
+        bound = max((abs(v) for v in values), default=1.0) or 1.0
+        fig.add_trace(go.Heatmap(
+            z=grid, text=text, hovertemplate="%{text}: %{z:.4g}<extra>" + title + "</extra>",
+            colorscale="RdBu" if signed else "Viridis", zmid=0 if signed else None,
+            zmin=-bound if signed else 0, zmax=bound, showscale=False,
+        ), row=1, col=col)
+        fig.update_xaxes(title_text="head", row=1, col=col)
+        fig.update_yaxes(title_text="layer" if col == 1 else None, row=1, col=col)
+    fig.update_layout(height=max(360, 22 * n_layers + 120), title=f"Heads of {result['task']} (* in the reference circuit)")
+    return fig
+
+
+def write_heads_page(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    figure = heads_figure(result).to_html(full_html=False, include_plotlyjs=True, div_id="circuit-graph")
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{format_score(scores[key])}</td>" for key in AGREEMENT) + "</tr>"
+        for name, scores in (("codes (nodes)", result["nodes"]["codes"]), ("attribution patching (nodes)", result["nodes"]["attribution"]),
+                             *((("codes (edges)", result["edges"]["codes"]),) if "codes" in result["edges"] else ())))
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    body = f"""<h1>Heads of {html.escape(result['task'])}</h1>
+<p>{result['prompts']} prompts; reference circuit (exact patching): {html.escape(', '.join(result['reference_heads']))}. Runtimes: {seconds}.</p>
+{figure}
+<h2>Against the reference</h2>
+<table><tr><th>method</th>{''.join(f'<th>{html.escape(label)}</th>' for label in AGREEMENT.values())}</tr>{rows}</table>"""
+    write_text(path, _page(f"interp heads: {result['task']}", body, len(result["heads"])))
+    return path
+
+
+def format_score(value: float | None) -> str:
+    """A score to three decimals, or n/a where it is undefined (a reference of every head or none)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+AGREEMENT = {"roc_auc": "ROC-AUC", "precision_at_n": "precision at n", "recall_at_n": "recall at n", "best_f1": "best F1",
+             "best_paper_f1": "best 2TPR(1-FPR)/(TPR+1-FPR)"}

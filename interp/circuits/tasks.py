@@ -32,6 +32,26 @@ METRICS = ("logit_diff", "prob_diff")
 
 
 @dataclass
+class TaskConfig:
+    """The settings every command over a task shares."""
+
+    task: str = "ioi"
+    """A built-in task (ioi, greater_than, induction, agreement) or a .jsonl file of prompt, corrupt, answer, wrong."""
+    prompts: int = 64
+    """Prompts built for a built-in task, each in a clean and a corrupt version."""
+    seed: int = 0
+    """Seed of the built-in task's prompts and of everything the command draws at random."""
+    min_accuracy: float = 0.6
+    """Refuse a task on which fewer clean prompts than this share have a positive metric."""
+
+    def __post_init__(self):
+        if self.prompts < 1:
+            raise BadInput(f"prompts must be at least 1, got {self.prompts}")
+        if not 0 <= self.min_accuracy <= 1:
+            raise BadInput(f"min_accuracy must be between 0 and 1, got {self.min_accuracy}")
+
+
+@dataclass
 class Task:
     name: str
     clean_nt: torch.Tensor
