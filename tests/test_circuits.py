@@ -267,17 +267,22 @@ def test_jsonl_tasks_and_their_errors(tmp_path, tiny_model):
         from_jsonl(tokenizer, path)
 
 
-def test_cli_circuit_writes_circuit_json(tiny_model, tmp_path):
-    # printable ASCII bytes (token id = byte + 3), so that prompts are text; answers the model
-    # predicts need not be: keep the lines whose answers are
-    task = model_task(tiny_model, n=60, vocab=(ord("a") + 3, ord("z") + 4))
-    decode = tiny_model.tokenizer.decode
+def task_file(model, path, n):
+    """A .jsonl task the tiny model does: printable ASCII bytes (token id = byte + 3), so that
+    prompts are text; answers the model predicts need not be, so only the lines whose answers
+    are printable are kept. Returns the number of lines."""
+    task = model_task(model, n=n, vocab=(ord("a") + 3, ord("z") + 4))
+    decode = model.tokenizer.decode
     lines = [{"prompt": decode(c[1:]), "corrupt": decode(k[1:]), "answer": decode(a), "wrong": decode(w)}
              for c, k, a, w in zip(task.clean_nt, task.corrupt_nt, task.answers_na, task.wrong_na)
              if all(35 <= int(t) < 130 for t in (a, w))]
-    assert len(lines) >= 6
-    path = tmp_path / "random.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in lines))
+    return len(lines)
+
+
+def test_cli_circuit_writes_circuit_json(tiny_model, tmp_path):
+    path = tmp_path / "random.jsonl"
+    assert task_file(tiny_model, path, 60) >= 6
     runs = []
     for i, coder in enumerate(coders_for(tiny_model, SPECS[:2])):
         coder.cfg.model = TINY_MODEL  # what `interp circuit` loads

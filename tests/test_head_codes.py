@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from interp.cli.main import app
-from test_circuits import model_task
+from test_circuits import task_file
 from test_dashboard_browser import SKIP_WITHOUT_BROWSER, dump_dom
 from typer.testing import CliRunner
 
@@ -169,13 +169,8 @@ def test_bad_settings_are_clear_errors():
 
 
 def test_cli_writes_heads_json_page_and_coder(tiny_model, tmp_path):
-    task = model_task(tiny_model, n=40, vocab=(ord("a") + 3, ord("z") + 4))
-    decode = tiny_model.tokenizer.decode
-    lines = [{"prompt": decode(c[1:]), "corrupt": decode(k[1:]), "answer": decode(a), "wrong": decode(w)}
-             for c, k, a, w in zip(task.clean_nt, task.corrupt_nt, task.answers_na, task.wrong_na)
-             if all(35 <= int(t) < 130 for t in (a, w))]
     path = tmp_path / "random.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in lines))
+    assert task_file(tiny_model, path, 40) >= 6
     out = tmp_path / "out"
     args = ["circuit", "heads", "--model", TINY_MODEL, "--task", str(path), "--min-accuracy", "0", "--train-prompts", "6",
             "--latents", "16", "--steps", "20", "--edge-heads", "3", "--out", str(out)]
