@@ -390,7 +390,7 @@ def circuit_heads(
     patching beside it."""
     from interp.atomic import write_json
     from interp.circuits.head_codes import find_heads
-    from interp.circuits.page import AGREEMENT, format_score, write_heads_page
+    from interp.circuits.page import AGREEMENT, agreement_rows, format_score, write_heads_page
 
     model = given.apply(ModelConfig()).load()
     result, coder = find_heads(model, given.apply(HeadsConfig()))
@@ -398,10 +398,8 @@ def circuit_heads(
     coder.save(out / "coder")
     page = write_heads_page(result, out / "heads.html")
     typer.echo(f"task {result['task']}: {result['prompts']} prompts; reference heads (exact patching): {', '.join(result['reference_heads'])}")
-    for name, scores in (("codes", result["nodes"]["codes"]), ("attribution", result["nodes"]["attribution"])):
-        typer.echo(f"  {name:12s} " + ", ".join(f"{label} {format_score(scores[key])}" for key, label in AGREEMENT.items()))
-    if "codes" in result["edges"]:
-        typer.echo("  edges, codes " + ", ".join(f"{label} {format_score(result['edges']['codes'][key])}" for key, label in AGREEMENT.items()))
+    for name, scores in agreement_rows(result):
+        typer.echo(f"  {name}: " + ", ".join(f"{label} {format_score(scores[key])}" for key, label in AGREEMENT.items()))
     typer.echo("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {out / 'heads.json'}, {page} and {out / 'coder'}")
 

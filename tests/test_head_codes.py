@@ -25,7 +25,7 @@ from interp.circuits.head_codes import (
     z_hook,
 )
 from interp.circuits.page import write_heads_page
-from interp.circuits.tasks import Task
+from interp.circuits.tasks import Task, baseline
 from interp.hooks import capture
 from interp.models import TINY_MODEL, load_model
 from interp.sae import load_sae
@@ -130,7 +130,7 @@ def test_attribution_patching_matches_exact_patching_for_small_differences():
     clean, corrupt = prompts(seed=2)
     task = task_of(model, clean, corrupt)
     z_clean, z_corrupt = head_z(model, task.clean_nt), head_z(model, task.corrupt_nt)
-    exact = patching_effects(model, task, z_clean, z_corrupt)
+    exact = patching_effects(model, task, baseline(model, task).mean_clean, z_corrupt)
     estimate = attribution_effects(model, task, z_clean, z_corrupt)
     assert exact.abs().max() > 1e-4
     torch.testing.assert_close(estimate, exact, atol=0.05 * float(exact.abs().max()), rtol=0.1)
@@ -144,7 +144,8 @@ def test_path_patching_changes_the_receiver_alone_under_grouped_query_attention(
     z_clean, z_corrupt = head_z(model, task.clean_nt), head_z(model, task.corrupt_nt)
     n_heads = model.cfg.n_heads
     sender, receiver = 0 * n_heads + 1, 1 * n_heads + 2
-    effect = path_patching_effects(model, task, z_clean, z_corrupt, [(sender, receiver)])
+    clean = baseline(model, task).mean_clean
+    effect = path_patching_effects(model, task, clean, z_clean, z_corrupt, [(sender, receiver)])
     # By hand: the receiver's input is the clean residual plus the sender's output change.
     delta = (z_corrupt[0, :, :, 1] - z_clean[0, :, :, 1]) @ model.W_O[0, 1]
     moved = capture(model, task.clean_nt, [z_hook(1)], patch={"blocks.1.hook_resid_pre": lambda a: a + delta})
@@ -158,7 +159,7 @@ def test_path_patching_changes_the_receiver_alone_under_grouped_query_attention(
                     - task.metric_n(model.run_with_hooks(task.clean_nt, fwd_hooks=[(z_hook(1), lambda a, hook: patched)])).mean())
     assert float(effect[0]) == pytest.approx(float(expected), abs=1e-5)
     with pytest.raises(ValueError, match="earlier layer"):
-        path_patching_effects(model, task, z_clean, z_corrupt, [(receiver, sender)])
+        path_patching_effects(model, task, clean, z_clean, z_corrupt, [(receiver, sender)])
 
 
 def test_bad_settings_are_clear_errors():

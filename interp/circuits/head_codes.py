@@ -182,9 +182,9 @@ def _replace_head(head: int, value_nthd: torch.Tensor):
 
 
 @torch.no_grad()
-def patching_effects(model, task: Task, z_clean: torch.Tensor, z_corrupt: torch.Tensor, progress=None) -> torch.Tensor:
-    """(layers x heads,): mean clean metric minus the mean with one head's z patched from the corrupt prompts."""
-    clean = float(task.metric_n(patched_logits(model, task.clean_nt, {})).mean())
+def patching_effects(model, task: Task, clean: float, z_corrupt: torch.Tensor, progress=None) -> torch.Tensor:
+    """(layers x heads,): the mean clean metric `clean` minus the mean with one head's z patched
+    from the corrupt prompts."""
     effects = []
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
@@ -207,13 +207,13 @@ def attribution_effects(model, task: Task, z_clean: torch.Tensor, z_corrupt: tor
 
 
 @torch.no_grad()
-def path_patching_effects(model, task: Task, z_clean: torch.Tensor, z_corrupt: torch.Tensor,
+def path_patching_effects(model, task: Task, clean: float, z_clean: torch.Tensor, z_corrupt: torch.Tensor,
                           pairs: list[tuple[int, int]], progress=None) -> torch.Tensor:
     """(pairs,): for each (sender, receiver) head, sender in an earlier layer, the mean clean
-    metric minus the mean when only the receiver reads the sender's corrupt output through the
-    residual stream (every other path clean)."""
+    metric `clean` minus the mean when only the receiver reads the sender's corrupt output through
+    the residual stream (every other path clean)."""
     n_heads = model.cfg.n_heads
-    clean = float(task.metric_n(patched_logits(model, task.clean_nt, {})).mean())
+    n, length = task.clean_nt.shape
     W_O = model.W_O.detach()
     effects = []
     for sender, receiver in pairs:
@@ -221,7 +221,6 @@ def path_patching_effects(model, task: Task, z_clean: torch.Tensor, z_corrupt: t
         if l1 >= l2:
             raise BadInput(f"path patching needs the sender in an earlier layer: L{l1}H{h1} -> L{l2}H{h2}")
         delta_ntm = (z_corrupt[l1, :, :, h1] - z_clean[l1, :, :, h1]) @ W_O[l1, h1].to(z_clean)
-        n, length = task.clean_nt.shape
         moved = capture(model, task.clean_nt, [z_hook(l2)],
                         patch={f"blocks.{l2}.hook_resid_pre": lambda act, d=delta_ntm: act + d.to(act)})
         z_receiver = moved[z_hook(l2)].view(n, length, n_heads, -1)
@@ -297,7 +296,7 @@ def find_heads(model, cfg: HeadsConfig, task: Task | None = None, progress: bool
 
     start = time.perf_counter()
     with tqdm(total=len(names), desc="patching heads", disable=not progress) as bar:
-        exact = patching_effects(model, task, z_clean, z_corrupt, bar.update)
+        exact = patching_effects(model, task, base.mean_clean, z_corrupt, bar.update)
     seconds["patching"] = time.perf_counter() - start
 
     gap = base.mean_clean - base.mean_corrupt
@@ -307,7 +306,7 @@ def find_heads(model, cfg: HeadsConfig, task: Task | None = None, progress: bool
                    if a // model.cfg.n_heads < b // model.cfg.n_heads)
     start = time.perf_counter()
     with tqdm(total=len(pairs), desc="path patching", disable=not progress) as bar:
-        path = path_patching_effects(model, task, z_clean, z_corrupt, pairs, bar.update)
+        path = path_patching_effects(model, task, base.mean_clean, z_clean, z_corrupt, pairs, bar.update)
     seconds["path_patching"] = time.perf_counter() - start
     code_edges = edge_scores(codes_pos, codes_neg, pairs, cfg.latents)
     edge_labels = path.abs() >= cfg.reference_share * abs(gap)

@@ -197,6 +197,23 @@ def write_graph_page(result: dict, path: str | Path, features: dict[str, Feature
     return path
 
 
+AGREEMENT = {"roc_auc": "ROC-AUC", "precision_at_n": "precision at n", "recall_at_n": "recall at n", "best_f1": "best F1",
+             "best_paper_f1": "best 2TPR(1-FPR)/(TPR+1-FPR)"}
+
+
+def format_score(value: float | None) -> str:
+    """A score to three decimals, or n/a where it is undefined (a reference of every head or none)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def agreement_rows(result: dict) -> list[tuple[str, dict]]:
+    """(method, its agreement with the reference) for each scored method of a heads result."""
+    rows = [("codes (nodes)", result["nodes"]["codes"]), ("attribution patching (nodes)", result["nodes"]["attribution"])]
+    if "codes" in result["edges"]:
+        rows.append(("codes (edges)", result["edges"]["codes"]))
+    return rows
+
+
 HEAD_PANELS = (("exact_effect", "exact patching effect"), ("attribution_effect", "attribution patching"), ("code_score", "code score"))
 
 
@@ -231,8 +248,7 @@ def write_heads_page(result: dict, path: str | Path) -> Path:
     figure = heads_figure(result).to_html(full_html=False, include_plotlyjs=True, div_id="circuit-graph")
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{format_score(scores[key])}</td>" for key in AGREEMENT) + "</tr>"
-        for name, scores in (("codes (nodes)", result["nodes"]["codes"]), ("attribution patching (nodes)", result["nodes"]["attribution"]),
-                             *((("codes (edges)", result["edges"]["codes"]),) if "codes" in result["edges"] else ())))
+        for name, scores in agreement_rows(result))
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
     body = f"""<h1>Heads of {html.escape(result['task'])}</h1>
 <p>{result['prompts']} prompts; reference circuit (exact patching): {html.escape(', '.join(result['reference_heads']))}. Runtimes: {seconds}.</p>
@@ -241,12 +257,3 @@ def write_heads_page(result: dict, path: str | Path) -> Path:
 <table><tr><th>method</th>{''.join(f'<th>{html.escape(label)}</th>' for label in AGREEMENT.values())}</tr>{rows}</table>"""
     write_text(path, _page(f"interp heads: {result['task']}", body, len(result["heads"])))
     return path
-
-
-def format_score(value: float | None) -> str:
-    """A score to three decimals, or n/a where it is undefined (a reference of every head or none)."""
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-AGREEMENT = {"roc_auc": "ROC-AUC", "precision_at_n": "precision at n", "recall_at_n": "recall at n", "best_f1": "best F1",
-             "best_paper_f1": "best 2TPR(1-FPR)/(TPR+1-FPR)"}

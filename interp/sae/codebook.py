@@ -15,7 +15,8 @@ choosing by W_dec[i] . x, the 1/||x|| being the same for every code, so the pre-
 z = W_dec x (W_enc is W_dec, b_enc 0) and their top k are the k most similar codes. There is no
 bias: the codes replace the activation, as in the paper. (The paper's released code divides the
 sum by k; the codes' norms absorb that constant.) Activating a code during generation, as the
-paper does, is adding a_i W_dec[i]: `add_feature(feature, strength=a_i)`.
+paper does, is `interp.steering.activate_code`: the code's activation clamped to a_i through the
+coder, so a_i W_dec[i] is added wherever the code was off.
 
 Training. The paper inserts the codebooks into the model and fine-tunes it with them (the
 language-model loss, with the codes' reconstruction error added). interp trains on frozen
