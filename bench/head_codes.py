@@ -27,10 +27,10 @@ from interp.circuits.head_codes import (
     edge_scores,
     head_codes,
     head_vectors,
-    head_z,
     node_scores,
     train_head_coder,
 )
+from interp.circuits.head_effects import head_z
 from interp.circuits.tasks import build_task
 from interp.models import ModelConfig
 

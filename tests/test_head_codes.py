@@ -12,14 +12,13 @@ from test_circuits import task_file
 from test_dashboard_browser import SKIP_WITHOUT_BROWSER, dump_dom
 from typer.testing import CliRunner
 
-from interp.circuits.head_codes import (
-    HeadsConfig,
-    agreement,
+from interp.circuits.head_codes import HeadsConfig, agreement, edge_scores, find_heads, node_scores
+from interp.circuits.head_effects import (
     attribution_effects,
-    edge_scores,
-    find_heads,
+    edge_attribution_effects,
+    head_acts,
+    head_hook,
     head_z,
-    node_scores,
     patching_effects,
     path_patching_effects,
     z_hook,
@@ -95,7 +94,7 @@ def test_the_planted_head_scores_first_and_is_the_reference():
     assert (others < scores[planted]).all()
     assert result["reference_heads"] == [f"L{LAYER}H{HEAD}"]
     assert result["nodes"]["codes"]["roc_auc"] == 1.0 and result["nodes"]["codes"]["precision_at_n"] == 1.0
-    assert coder.arch == "codebook" and set(result["seconds"]) == {"codes", "attribution", "patching", "path_patching"}
+    assert coder.arch == "codebook" and set(result["seconds"]) == {"codes", "attribution", "patching", "path_patching", "edge_attribution"}
 
 
 def test_node_and_edge_scores_are_the_papers_definitions():
@@ -131,8 +130,37 @@ def test_attribution_patching_matches_exact_patching_for_small_differences():
     task = task_of(model, clean, corrupt)
     z_clean, z_corrupt = head_z(model, task.clean_nt), head_z(model, task.corrupt_nt)
     exact = patching_effects(model, task, baseline(model, task).mean_clean, z_corrupt)
-    estimate = attribution_effects(model, task, z_clean, z_corrupt)
+    estimate = attribution_effects(model, task, {"z": z_clean}, {"z": z_corrupt})["z"]
     assert exact.abs().max() > 1e-4
+    torch.testing.assert_close(estimate, exact, atol=0.05 * float(exact.abs().max()), rtol=0.1)
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_key_value_heads_attribution_matches_exact_patching(kind):
+    """A key/value head is read by two query heads here: patching it changes what both read, and
+    the gradient at hook_k/hook_v sums both paths; to first order the two agree."""
+    model = twin_model(eps=3e-2)
+    task = task_of(model, *prompts(seed=2))
+    clean_acts, corrupt_acts = head_acts(model, task.clean_nt, kind), head_acts(model, task.corrupt_nt, kind)
+    assert clean_acts.shape[3] == 2
+    exact = patching_effects(model, task, baseline(model, task).mean_clean, corrupt_acts, kind=kind)
+    estimate = attribution_effects(model, task, {kind: clean_acts}, {kind: corrupt_acts})[kind]
+    assert exact.shape == (2 * 2,) and exact.abs().max() > 1e-4
+    torch.testing.assert_close(estimate, exact, atol=0.05 * float(exact.abs().max()), rtol=0.1)
+
+
+@pytest.mark.parametrize("kind", ["z", "k", "v"])
+def test_edge_attribution_matches_path_patching_for_small_differences(kind):
+    """Every (layer-0 query head, layer-1 receiver) edge: the one-backward estimate against path
+    patching, receivers query heads (z) or key/value heads (k, v)."""
+    model = twin_model(eps=3e-2)
+    task = task_of(model, *prompts(seed=2))
+    z_clean, z_corrupt = head_z(model, task.clean_nt), head_z(model, task.corrupt_nt)
+    receivers = 4 if kind == "z" else 2
+    pairs = [(sender, receivers + receiver) for sender in range(4) for receiver in range(receivers)]
+    exact = path_patching_effects(model, task, baseline(model, task).mean_clean, z_clean, z_corrupt, pairs, kind=kind)
+    estimate = edge_attribution_effects(model, task, z_clean, z_corrupt, pairs, kind=kind)
+    assert exact.abs().max() > 1e-5
     torch.testing.assert_close(estimate, exact, atol=0.05 * float(exact.abs().max()), rtol=0.1)
 
 
@@ -160,6 +188,36 @@ def test_path_patching_changes_the_receiver_alone_under_grouped_query_attention(
     assert float(effect[0]) == pytest.approx(float(expected), abs=1e-5)
     with pytest.raises(ValueError, match="earlier layer"):
         path_patching_effects(model, task, clean, z_clean, z_corrupt, [(receiver, sender)])
+
+
+def test_path_patching_into_a_key_head_reaches_every_query_head_that_reads_it():
+    """A key head's keys come from the pass with the sender's corrupt output; both query heads
+    that read it (2 and 3) change, the other group's heads (0 and 1) do not."""
+    model = twin_model(eps=0.5)
+    task = task_of(model, *prompts(seed=3))
+    z_clean, z_corrupt = head_z(model, task.clean_nt), head_z(model, task.corrupt_nt)
+    clean = baseline(model, task).mean_clean
+    effect = path_patching_effects(model, task, clean, z_clean, z_corrupt, [(1, 2 + 1)], kind="k")
+    delta = (z_corrupt[0, :, :, 1] - z_clean[0, :, :, 1]) @ model.W_O[0, 1]
+    moved = capture(model, task.clean_nt, [head_hook(1, "k")], patch={"blocks.1.hook_resid_pre": lambda a: a + delta})
+    k_moved = moved[head_hook(1, "k")].view(N, T, 2, -1)
+    k_clean = capture(model, task.clean_nt, [head_hook(1, "k")])[head_hook(1, "k")].view(N, T, 2, -1)
+
+    def with_key_head_1(act, hook):
+        act = act.clone()
+        act[:, :, 1] = k_moved[:, :, 1]
+        return act
+
+    z_patched = capture(model, task.clean_nt, [z_hook(1)], patch={head_hook(1, "k"): lambda a: with_key_head_1(a, None)})
+    z_patched = z_patched[z_hook(1)].view(N, T, 4, -1)
+    assert not torch.allclose(k_moved[:, :, 1], k_clean[:, :, 1])
+    torch.testing.assert_close(z_patched[:, :, :2], z_clean[1, :, :, :2])
+    for query_head in (2, 3):
+        assert not torch.allclose(z_patched[:, :, query_head], z_clean[1, :, :, query_head])
+    with torch.no_grad():
+        expected = (task.metric_n(model(task.clean_nt)).mean()
+                    - task.metric_n(model.run_with_hooks(task.clean_nt, fwd_hooks=[(head_hook(1, "k"), with_key_head_1)])).mean())
+    assert float(effect[0]) == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_bad_settings_are_clear_errors():

@@ -17,17 +17,12 @@ W_O) by default, as this issue asks; `space="result"` takes z @ W_O[h], the pape
 `hook_result`. The coder is any family interp trains (the paper's is a ReLU SAE with an L1
 penalty, a family interp does not train); `codebook` with k = 1 is a discretiser by construction.
 
-The reference, as ground truth for SmolLM2 is not published:
-- a head's effect is the mean metric on clean prompts minus the mean with that head's z alone
-  patched from the corrupt prompts, at every position (one forward pass per head); the
-  reference circuit is the heads whose |effect| reaches `reference_share` of the clean-corrupt
-  gap;
-- an edge h1 -> h2's effect is path patching: h2 reads the clean residual plus h1's corrupt-minus-
-  clean output (z @ W_O[h1]), everything else clean, and the metric's change with only h2's z so
-  changed. Only h2's z is taken from the changed pass, so under grouped-query attention the key
-  and value heads h2 shares with its sibling query heads change for h2 alone;
-- attribution patching estimates each head's effect from one forward and backward pass:
-  -(dm/dz_h) . (z_h,corrupt - z_h,clean), summed over positions.
+The reference, as ground truth for SmolLM2 is not published, is exact patching
+(`interp.circuits.head_effects`): a head's effect is the metric's change with its z alone patched
+from the corrupt prompts, and the reference circuit is the heads whose |effect| reaches
+`reference_share` of the clean-corrupt gap; edges among its strongest heads come from path
+patching. Attribution patching estimates both, for query heads and for key/value heads (whose
+keys and values several query heads read), and is scored beside the codes.
 Scores are compared with the reference by ROC-AUC, by precision, recall and F1 at the cut that
 keeps as many heads as the reference has, and by the paper's "F1", 2 TPR (1 - FPR) / (TPR + 1 -
 FPR), at its best threshold (it is not a precision/recall F1; both are reported, named so).
@@ -43,9 +38,16 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.activations import ShuffleBuffer, TensorChunks
+from interp.circuits.head_effects import (
+    attribution_effects,
+    edge_attribution_effects,
+    head_acts,
+    heads_of,
+    patching_effects,
+    path_patching_effects,
+)
 from interp.circuits.tasks import Task, TaskConfig, baseline, build_task, check_model_does_task
 from interp.errors import BadInput
-from interp.hooks import capture, grad_key, patched_logits
 from interp.sae import create_coder
 from interp.sae.base import SparseCoder
 from interp.train import TrainConfig, Trainer
@@ -88,23 +90,11 @@ class HeadsConfig(TaskConfig):
             raise BadInput(f"reference_share must be between 0 and 1, got {self.reference_share}")
 
 
-def z_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
-
-
 def head_names(model) -> list[str]:
     return [f"L{layer}H{head}" for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
 
 
 # --- the heads' activations ---------------------------------------------------------------------
-
-def head_z(model, tokens_nt: torch.Tensor) -> torch.Tensor:
-    """(layers, prompts, positions, heads, d_head): every head's z on every prompt."""
-    n, length = tokens_nt.shape
-    hooks = [z_hook(layer) for layer in range(model.cfg.n_layers)]
-    acts = capture(model, tokens_nt, hooks)
-    return torch.stack([acts[hook].view(n, length, model.cfg.n_heads, -1) for hook in hooks])
-
 
 def head_vectors(model, z_lnthd: torch.Tensor, space: str) -> torch.Tensor:
     """(prompts, layers x heads, d): each head's vector per prompt, averaged over positions."""
@@ -171,66 +161,6 @@ def edge_scores(codes_pos_nh: torch.Tensor, codes_neg_nh: torch.Tensor, pairs: l
     return torch.bincount(only // (base * base), minlength=len(pairs)).float()
 
 
-# --- the reference and attribution patching -----------------------------------------------------
-
-def _replace_head(head: int, value_nthd: torch.Tensor):
-    def patch(act):
-        act = act.clone()
-        act[:, :, head] = value_nthd[:, :, head].to(act)
-        return act
-    return patch
-
-
-@torch.no_grad()
-def patching_effects(model, task: Task, clean: float, z_corrupt: torch.Tensor, progress=None) -> torch.Tensor:
-    """(layers x heads,): the mean clean metric `clean` minus the mean with one head's z patched
-    from the corrupt prompts."""
-    effects = []
-    for layer in range(model.cfg.n_layers):
-        for head in range(model.cfg.n_heads):
-            logits = patched_logits(model, task.clean_nt, {z_hook(layer): _replace_head(head, z_corrupt[layer])})
-            effects.append(clean - float(task.metric_n(logits).mean()))
-            if progress:
-                progress()
-    return torch.tensor(effects)
-
-
-def attribution_effects(model, task: Task, z_clean: torch.Tensor, z_corrupt: torch.Tensor) -> torch.Tensor:
-    """(layers x heads,): attribution patching's estimate of `patching_effects`, one forward and backward."""
-    n, length = task.clean_nt.shape
-    hooks = [z_hook(layer) for layer in range(model.cfg.n_layers)]
-    acts = capture(model, task.clean_nt, hooks, with_grads=True, objective=lambda logits: task.metric_n(logits).mean())
-    grads_lnthd = torch.stack([acts[grad_key(hook)].view(n, length, model.cfg.n_heads, -1) for hook in hooks])
-    # mean m(patched) - mean m(clean) ~ g . (z_corrupt - z_clean), g already the mean's gradient
-    # (each prompt's share 1/n); the effect is its negative
-    return -(grads_lnthd * (z_corrupt - z_clean).to(grads_lnthd)).sum((1, 2, 4)).flatten()
-
-
-@torch.no_grad()
-def path_patching_effects(model, task: Task, clean: float, z_clean: torch.Tensor, z_corrupt: torch.Tensor,
-                          pairs: list[tuple[int, int]], progress=None) -> torch.Tensor:
-    """(pairs,): for each (sender, receiver) head, sender in an earlier layer, the mean clean
-    metric `clean` minus the mean when only the receiver reads the sender's corrupt output through
-    the residual stream (every other path clean)."""
-    n_heads = model.cfg.n_heads
-    n, length = task.clean_nt.shape
-    W_O = model.W_O.detach()
-    effects = []
-    for sender, receiver in pairs:
-        (l1, h1), (l2, h2) = divmod(sender, n_heads), divmod(receiver, n_heads)
-        if l1 >= l2:
-            raise BadInput(f"path patching needs the sender in an earlier layer: L{l1}H{h1} -> L{l2}H{h2}")
-        delta_ntm = (z_corrupt[l1, :, :, h1] - z_clean[l1, :, :, h1]) @ W_O[l1, h1].to(z_clean)
-        moved = capture(model, task.clean_nt, [z_hook(l2)],
-                        patch={f"blocks.{l2}.hook_resid_pre": lambda act, d=delta_ntm: act + d.to(act)})
-        z_receiver = moved[z_hook(l2)].view(n, length, n_heads, -1)
-        logits = patched_logits(model, task.clean_nt, {z_hook(l2): _replace_head(h2, z_receiver)})
-        effects.append(clean - float(task.metric_n(logits).mean()))
-        if progress:
-            progress()
-    return torch.tensor(effects)
-
-
 # --- scoring against the reference --------------------------------------------------------------
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
@@ -281,7 +211,7 @@ def find_heads(model, cfg: HeadsConfig, task: Task | None = None, progress: bool
     seconds = {}
 
     start = time.perf_counter()
-    z_clean, z_corrupt = head_z(model, task.clean_nt), head_z(model, task.corrupt_nt)
+    z_clean, z_corrupt = head_acts(model, task.clean_nt), head_acts(model, task.corrupt_nt)
     positive, negative = head_vectors(model, z_clean, cfg.space), head_vectors(model, z_corrupt, cfg.space)
     drawn = torch.randperm(2 * len(task), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_prompts]
     both = torch.cat([positive, negative])
@@ -291,12 +221,14 @@ def find_heads(model, cfg: HeadsConfig, task: Task | None = None, progress: bool
     seconds["codes"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    attribution = attribution_effects(model, task, z_clean, z_corrupt)
+    clean_acts = {"z": z_clean, **{kind: head_acts(model, task.clean_nt, kind) for kind in ("k", "v")}}
+    corrupt_acts = {"z": z_corrupt, **{kind: head_acts(model, task.corrupt_nt, kind) for kind in ("k", "v")}}
+    attribution = attribution_effects(model, task, clean_acts, corrupt_acts)
     seconds["attribution"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with tqdm(total=len(names), desc="patching heads", disable=not progress) as bar:
-        exact = patching_effects(model, task, base.mean_clean, z_corrupt, bar.update)
+        exact = patching_effects(model, task, base.mean_clean, z_corrupt, progress=bar.update)
     seconds["patching"] = time.perf_counter() - start
 
     gap = base.mean_clean - base.mean_corrupt
@@ -306,24 +238,32 @@ def find_heads(model, cfg: HeadsConfig, task: Task | None = None, progress: bool
                    if a // model.cfg.n_heads < b // model.cfg.n_heads)
     start = time.perf_counter()
     with tqdm(total=len(pairs), desc="path patching", disable=not progress) as bar:
-        path = path_patching_effects(model, task, base.mean_clean, z_clean, z_corrupt, pairs, bar.update)
+        path = path_patching_effects(model, task, base.mean_clean, z_clean, z_corrupt, pairs, progress=bar.update)
     seconds["path_patching"] = time.perf_counter() - start
+    start = time.perf_counter()
+    edge_attribution = edge_attribution_effects(model, task, z_clean, z_corrupt, pairs)
+    seconds["edge_attribution"] = time.perf_counter() - start
     code_edges = edge_scores(codes_pos, codes_neg, pairs, cfg.latents)
     edge_labels = path.abs() >= cfg.reference_share * abs(gap)
 
+    n_kv = heads_of(model, "k")
     result = {
         "config": asdict(cfg), "task": task.name, "prompts": len(task), "heads": names,
-        "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
+        "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads, "n_kv_heads": n_kv,
         "baseline": asdict(base), "reference_heads": [names[h] for h in labels.nonzero()[:, 0].tolist()],
-        "exact_effect": exact.tolist(), "attribution_effect": attribution.tolist(), "code_score": code_nodes.tolist(),
+        "exact_effect": exact.tolist(), "attribution_effect": attribution["z"].tolist(), "code_score": code_nodes.tolist(),
+        "kv_heads": [f"L{layer}KV{head}" for layer in range(model.cfg.n_layers) for head in range(n_kv)],
+        "kv_attribution_effect": {kind: attribution[kind].tolist() for kind in ("k", "v")},
         "distinct_codes": int(torch.unique(torch.cat([codes_pos, codes_neg])).numel()),
-        "nodes": {"codes": agreement(code_nodes, labels), "attribution": agreement(attribution.abs(), labels)},
+        "nodes": {"codes": agreement(code_nodes, labels), "attribution": agreement(attribution["z"].abs(), labels)},
         "edges": {
             "pairs": [[names[a], names[b]] for a, b in pairs], "path_effect": path.tolist(),
+            "attribution_effect": edge_attribution.tolist(),
             "code_score": code_edges.tolist(), "reference": [bool(x) for x in edge_labels],
         },
         "seconds": seconds,
     }
     if pairs:
         result["edges"]["codes"] = agreement(code_edges, edge_labels)
+        result["edges"]["attribution"] = agreement(edge_attribution.abs(), edge_labels)
     return result, coder

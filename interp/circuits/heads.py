@@ -27,6 +27,7 @@ from interp.circuits.graph import (
     frozen_pass,
     output_vector,
 )
+from interp.circuits.head_effects import heads_of
 from interp.sae.base import SparseCoder
 
 
@@ -57,7 +58,7 @@ def head_split(model, graph: Graph, coders: list[SparseCoder], pairs: list[tuple
     """The split of each (target node, source node) edge in `pairs`."""
     coders_at = by_layer(model, coders)
     cfg = model.cfg
-    n_heads, n_kv = cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    n_heads, n_kv = cfg.n_heads, heads_of(model, "k")
     group = torch.arange(n_heads) // (n_heads // n_kv)
     tokens_1t = torch.tensor([graph.tokens], device=cfg.device)
     by_target: dict[int, list[int]] = {}

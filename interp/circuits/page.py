@@ -209,35 +209,39 @@ def format_score(value: float | None) -> str:
 def agreement_rows(result: dict) -> list[tuple[str, dict]]:
     """(method, its agreement with the reference) for each scored method of a heads result."""
     rows = [("codes (nodes)", result["nodes"]["codes"]), ("attribution patching (nodes)", result["nodes"]["attribution"])]
-    if "codes" in result["edges"]:
-        rows.append(("codes (edges)", result["edges"]["codes"]))
+    for method in ("codes", "attribution"):
+        if method in result["edges"]:
+            rows.append((f"{'attribution patching' if method == 'attribution' else method} (edges)", result["edges"][method]))
     return rows
 
 
 HEAD_PANELS = (("exact_effect", "exact patching effect"), ("attribution_effect", "attribution patching"), ("code_score", "code score"))
+KV_PANELS = (("k", "key heads: attribution patching"), ("v", "value heads: attribution patching"))
 
 
 def heads_figure(result: dict) -> go.Figure:
-    """Three layer x head heat-maps side by side: each head's exact patching effect (the
-    reference), attribution patching's estimate of it, and the code method's score."""
+    """Layer x head heat-maps side by side: each query head's exact patching effect (the
+    reference), attribution patching's estimate of it and the code method's score; then each
+    key and value head's attribution patching estimate (each read by several query heads)."""
     from plotly.subplots import make_subplots
 
-    n_layers, n_heads = result["n_layers"], result["n_heads"]
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title in HEAD_PANELS], horizontal_spacing=0.08)
+    n_layers, n_heads, n_kv = result["n_layers"], result["n_heads"], result["n_kv_heads"]
+    panels = [(result[key], n_heads, "H", title, key != "code_score") for key, title in HEAD_PANELS]
+    panels += [(result["kv_attribution_effect"][kind], n_kv, "KV", title, True) for kind, title in KV_PANELS]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[panel[3] for panel in panels], horizontal_spacing=0.05,
+                        column_widths=[width for _, width, *_ in panels])
     reference = set(result["reference_heads"])
-    for col, (key, title) in enumerate(HEAD_PANELS, start=1):
-        values = result[key]
-        grid = [[values[layer * n_heads + head] for head in range(n_heads)] for layer in range(n_layers)]
-        text = [[("* " if f"L{layer}H{head}" in reference else "") + f"L{layer}H{head}" for head in range(n_heads)]
+    for col, (values, width, letter, title, signed) in enumerate(panels, start=1):
+        grid = [[values[layer * width + head] for head in range(width)] for layer in range(n_layers)]
+        text = [[("* " if f"L{layer}{letter}{head}" in reference else "") + f"L{layer}{letter}{head}" for head in range(width)]
                 for layer in range(n_layers)]
-        signed = key != "code_score"
         bound = max((abs(v) for v in values), default=1.0) or 1.0
         fig.add_trace(go.Heatmap(
             z=grid, text=text, hovertemplate="%{text}: %{z:.4g}<extra>" + title + "</extra>",
             colorscale="RdBu" if signed else "Viridis", zmid=0 if signed else None,
             zmin=-bound if signed else 0, zmax=bound, showscale=False,
         ), row=1, col=col)
-        fig.update_xaxes(title_text="head", row=1, col=col)
+        fig.update_xaxes(title_text="key/value head" if letter == "KV" else "head", row=1, col=col)
         fig.update_yaxes(title_text="layer" if col == 1 else None, row=1, col=col)
     fig.update_layout(height=max(360, 22 * n_layers + 120), title=f"Heads of {result['task']} (* in the reference circuit)")
     return fig
