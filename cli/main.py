@@ -19,6 +19,7 @@ from interp.cli.options import Given, coder_options, config_options, field_docs,
 
 from interp.circuits.circuit import CircuitConfig
 from interp.circuits.head_codes import HeadsConfig
+from interp.circuits.task_evaluation import TaskEvalConfig
 from interp.circuits.tracing import GraphConfig
 from interp.compare import CompareConfig
 from interp.data import DataConfig
@@ -402,6 +403,38 @@ def circuit_heads(
         typer.echo(f"  {name}: " + ", ".join(f"{label} {format_score(scores[key])}" for key, label in AGREEMENT.items()))
     typer.echo("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {out / 'heads.json'}, {page} and {out / 'coder'}")
+
+
+@circuit_app.command("evaluate")
+@user_errors
+@takes(config_options(TaskEvalConfig), config_options(ModelConfig))
+def circuit_evaluate(
+    given: Given,
+    coder: Annotated[list[Path] | None, typer.Option("--coder", help="A saved coder reading the node's hook, scored beside the trained ones; repeat for several.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.html and coders/ (the coders trained at the node).")] = Path("runs/evaluate"),
+):
+    """Score dictionaries at one node of a task's circuit (Makelov, Lange & Nanda 2024): a
+    supervised dictionary from the task's attributes, each --arch trained on the task's prompts at
+    the node at matched sparsity, and any --coder; sufficiency and necessity of the reconstruction,
+    control by exchanging features toward a counterfactual, and each attribute's best detector F1."""
+    from interp.atomic import write_json
+    from interp.circuits.page import evaluation_table, format_cell, write_evaluation_page
+    from interp.circuits.task_evaluation import evaluate_on_task
+
+    model_cfg = given.apply(ModelConfig())
+    coders, model = _load_coders(coder, model_cfg.device) if coder else ([], model_cfg.load())
+    named = {str(path): c for path, c in zip(coder or [], coders)}
+    model_name = coders[0].cfg.model if coders else model_cfg.model
+    result, trained = evaluate_on_task(model, given.apply(TaskEvalConfig()), named, model_name)
+    write_json(out / "evaluation.json", result)
+    for arch, trained_coder in trained.items():
+        trained_coder.save(out / "coders" / arch)
+    page = write_evaluation_page(result, out / "evaluation.html")
+    columns, rows = evaluation_table(result)
+    typer.echo(f"task {result['task']} at {' '.join(result['node'])}: {result['prompts']} held-out prompts")
+    for row in rows:
+        typer.echo(f"  {row[0]}: " + ", ".join(f"{name} {format_cell(value)}" for name, value in zip(columns[1:], row[1:])))
+    typer.echo(f"wrote {out / 'evaluation.json'}, {page} and {out / 'coders'}")
 
 
 @circuit_app.command("graph")

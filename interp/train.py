@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from interp import distributed
-from interp.activations import BufferState, ShuffleBuffer
+from interp.activations import BufferState, ShuffleBuffer, TensorChunks
 from interp.allocator import retain_freed_memory
 from interp.atomic import write_tensors
 from interp.errors import (
@@ -474,3 +475,17 @@ def _wandb(cfg: TrainConfig, coder: SparseCoder):
     except ImportError as err:
         raise MissingPackage("--wandb-project needs Weights & Biases: pip install 'interp[wandb]'") from err
     return wandb.init(project=cfg.wandb_project, config={"train": asdict(cfg), "coder": asdict(coder.cfg)})
+
+
+def train_in_memory(coder: SparseCoder, acts: dict[str, torch.Tensor], batch_size: int, steps: int, seed: int) -> SparseCoder:
+    """Train `coder` for `steps` batches of `batch_size` rows drawn with `seed` from activations
+    already in memory ({coder's hook: (rows, d)}, and the gradient under `grad_key` for a family
+    that selects by it): seconds of work, so its checkpoints go to a scratch folder."""
+    rows = len(acts[coder.cfg.hook])
+    batch = min(batch_size, rows)
+    cfg = TrainConfig(tokens=batch * steps, batch_size=batch, warmup_steps=min(50, steps // 10),
+                      dead_tokens=batch * max(1, steps // 5), eval_every=0, checkpoint_every=steps, seed=seed)
+    buffer = ShuffleBuffer(TensorChunks({key: value.float() for key, value in acts.items()}), rows, batch, seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        Trainer(coder, buffer, cfg, scratch).run()
+    return coder.eval()

@@ -52,3 +52,4 @@ def test_steering_notebook_runs_and_its_baseline_is_the_models_text(smollm2, tmp
 def test_circuits_notebook_runs_and_checks_the_model_does_ioi(tmp_path_factory, monkeypatch):
     printed = run_notebook("circuits.ipynb", tmp_path_factory, monkeypatch)
     assert "ioi: accuracy" in printed and "faithfulness" in printed and "interactive graph:" in printed
+    assert "strongest query heads:" in printed and "supervised: sufficiency" in printed and "codebook: sufficiency" in printed

@@ -12,8 +12,14 @@ connect, and whether they are the mechanism (faithfulness, completeness), in dat
   norms; exact edges, checked by the sum rule and by interventions);
 - `pruning.py`: influence on the target and pruning by it;
 - `heads.py`: a graph's edges split by the attention head they pass through first;
+- `head_effects.py`: each attention head's and head-to-head edge's effect on a task, by exact
+  activation and path patching and by attribution patching, for query heads (hook_z) and for the
+  key/value heads grouped-query attention shares (hook_k, hook_v);
 - `head_codes.py`: `find_heads(model, HeadsConfig(...))`, the heads a task uses from discrete
   codes (O'Neill & Bui 2024), against exact activation and path patching, with attribution patching;
+- `supervised.py`: supervised feature dictionaries from a task's attributes (Makelov et al. 2024);
+- `task_evaluation.py`: `evaluate_on_task(model, TaskEvalConfig(...))`, dictionaries at a node of
+  a task's circuit scored for sufficiency, necessity, control and each attribute's best detector;
 - `tracing.py`: `trace(model, coders, GraphConfig(...))`, a graph built, checked, pruned and split
   in one call, and its export in circuit-tracer's graph JSON.
 """

@@ -30,14 +30,12 @@ FPR), at its best threshold (it is not a precision/recall F1; both are reported,
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from interp.activations import ShuffleBuffer, TensorChunks
 from interp.circuits.head_effects import (
     attribution_effects,
     edge_attribution_effects,
@@ -50,7 +48,7 @@ from interp.circuits.tasks import Task, TaskConfig, baseline, build_task, check_
 from interp.errors import BadInput
 from interp.sae import create_coder
 from interp.sae.base import SparseCoder
-from interp.train import TrainConfig, Trainer
+from interp.train import train_in_memory
 
 SPACES = ("z", "result")
 
@@ -113,13 +111,7 @@ def train_head_coder(vectors_rd: torch.Tensor, cfg: HeadsConfig, space_key: str)
     torch.manual_seed(cfg.seed)
     options = {} if cfg.arch == "jumprelu" else {"k": min(cfg.k, cfg.latents)}
     coder = create_coder(cfg.arch, d_in=vectors_rd.shape[1], n_latents=cfg.latents, hook=space_key, **options)
-    rows = len(vectors_rd)
-    train = TrainConfig(tokens=rows * cfg.steps, batch_size=rows, warmup_steps=min(50, cfg.steps // 10),
-                        dead_tokens=rows * max(1, cfg.steps // 5), eval_every=0, checkpoint_every=cfg.steps, seed=cfg.seed)
-    buffer = ShuffleBuffer(TensorChunks({space_key: vectors_rd.float()}), rows, rows, cfg.seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        Trainer(coder, buffer, train, scratch).run()
-    return coder.eval()
+    return train_in_memory(coder, {space_key: vectors_rd}, len(vectors_rd), cfg.steps, cfg.seed)
 
 
 @torch.no_grad()

@@ -261,3 +261,74 @@ def write_heads_page(result: dict, path: str | Path) -> Path:
 <table><tr><th>method</th>{''.join(f'<th>{html.escape(label)}</th>' for label in AGREEMENT.values())}</tr>{rows}</table>"""
     write_text(path, _page(f"interp heads: {result['task']}", body, len(result["heads"])))
     return path
+
+
+# --- the task evaluation of dictionaries ----------------------------------------------------------
+
+def evaluation_table(result: dict) -> tuple[list[str], list[list]]:
+    """(column names, one row per dictionary) of a task evaluation: approximation, control at two
+    features and the edit size that closes half the gap, best-detector F1 per attribute, symptoms."""
+    attributes = list(result["attribute_values"])
+    controlled = list(result["counterfactual_baseline"])
+    columns = ["dictionary", "FVU", "L0", "sufficiency", "necessity"]
+    columns += [f"control {a} (2 features)" for a in controlled] + [f"{a}: features for half the gap" for a in controlled]
+    columns += [f"F1 {a}" for a in attributes] + ["occluded", "over-split"]
+    rows = []
+    for row in result["rows"]:
+        control = {a: {int(size): closed for size, closed in row["control"][a].items()} for a in controlled}
+        half = [next((size for size, closed in sorted(control[a].items()) if closed >= 0.5), None) for a in controlled]
+        rows.append([row["name"], row["fvu"], row["l0"], row["sufficiency"], row["necessity"],
+                     *[control[a].get(2) for a in controlled], *half,
+                     *[row["interpretability"][a]["best_f1"] for a in attributes],
+                     ", ".join(row["occluded"]) or "-", ", ".join(row["over_split"]) or "-"])
+    return columns, rows
+
+
+def format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def evaluation_figure(result: dict) -> go.Figure:
+    """The evaluation table as a heat-map: a row per dictionary, a column per score (higher is
+    better everywhere but FVU and the edit size), each column coloured on its own scale."""
+    columns, rows = evaluation_table(result)
+    numeric = [i for i in range(1, len(columns)) if i != 2 and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)]
+    lower_better = {1} | {i for i in numeric if columns[i].endswith("half the gap")}
+    shade = []
+    for r in rows:
+        line = []
+        for i in numeric:
+            column = [x[i] for x in rows if x[i] is not None]
+            low, high = (min(column), max(column)) if column else (0, 1)
+            value = r[i] if r[i] is not None else (high if i in lower_better else low)
+            share = 0.5 if high == low else (value - low) / (high - low)
+            line.append(1 - share if i in lower_better else share)
+        shade.append(line)
+    fig = go.Figure(go.Heatmap(
+        z=shade, x=[columns[i] for i in numeric], y=[r[0] for r in rows], text=[[format_cell(r[i]) for i in numeric] for r in rows],
+        texttemplate="%{text}", hovertemplate="%{y}, %{x}: %{text}<extra></extra>", colorscale="Greens", showscale=False, zmin=0, zmax=1))
+    fig.update_yaxes(autorange="reversed")
+    hook, role = result["node"]
+    fig.update_layout(height=120 + 40 * len(rows), title=f"{result['task']} at {hook}, {role}: each column shaded from worst to best")
+    return fig
+
+
+def write_evaluation_page(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    figure = evaluation_figure(result).to_html(full_html=False, include_plotlyjs=True, div_id="circuit-graph")
+    columns, rows = evaluation_table(result)
+    table = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
+    hook, role = result["node"]
+    base = result["baseline"]
+    body = f"""<h1>{html.escape(result['task'])}: dictionaries at {html.escape(hook)}, {html.escape(role)}</h1>
+<p>{result['prompts']} held-out prompts ({result['fit_prompts']} fitted the dictionaries); metric {base['clean']:.3f} clean,
+{base['mean_ablated']:.3f} with the node mean-ablated.</p>
+{figure}
+<table>{table}</table>"""
+    write_text(path, _page(f"interp evaluation: {result['task']}", body, len(rows)))
+    return path
