@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 from interp.cli.main import app
+from test_dashboard_browser import SKIP_WITHOUT_BROWSER, dump_dom
 from typer.testing import CliRunner
 
 from interp.circuits import tasks
+from interp.circuits.page import evaluation_table, write_evaluation_page
 from interp.circuits.supervised import SupervisedDictionary
 from interp.circuits.task_evaluation import (
     Learned,
-    Supervised,
     TaskEvalConfig,
     counterfactual,
     detectors,
@@ -264,3 +265,15 @@ def test_cli_writes_the_evaluation_and_refuses_bad_input(monkeypatch, tmp_path):
     assert bad.exit_code == 2 and "no role" in bad.output
     bad = CliRunner().invoke(app, [*common, "--arch", "jumprelu", "--out", str(out)])
     assert bad.exit_code == 2 and "cannot be trained" in bad.output
+
+
+@pytest.mark.skipif(SKIP_WITHOUT_BROWSER, reason="chromium is not installed (apt-get install chromium); CI installs it")
+def test_evaluation_page_renders_in_chromium(monkeypatch, tmp_path):
+    monkeypatch.setitem(tasks.BUILDERS, "ioi", byte_ioi)
+    cfg = TaskEvalConfig(hook=HOOK, prompts=40, fit_prompts=200, archs=["batchtopk"], latents=16, k=2, steps=20, min_accuracy=0)
+    result, _ = evaluate_on_task(planted_model(), cfg, progress=False)
+    columns, rows = evaluation_table(result)
+    assert [row[0] for row in rows] == ["supervised", "batchtopk"] and len(columns) == len(rows[0])
+    dom = dump_dom(write_evaluation_page(result, tmp_path / "evaluation.html").as_uri(), tmp_path / "profile")
+    assert 'data-rendered="circuit"' in dom, dom[-2000:]
+    assert dom.count('class="main-svg"') >= 1 and "sufficiency" in dom and "batchtopk" in dom
