@@ -150,28 +150,48 @@ def node_mask(tokens_nt: torch.Tensor, positions_n: torch.Tensor) -> torch.Tenso
     return mask
 
 
+PASS_PROMPTS = 128
+"""Prompts per forward pass when capturing a node over many prompts (a pass to the logits holds
+prompts x positions x vocabulary floats)."""
+
+
 def node_acts(model, tokens_nt: torch.Tensor, hook: str, positions_n: torch.Tensor) -> torch.Tensor:
     """(prompts, d): the node's activation on each prompt."""
-    return capture(model, tokens_nt, [hook], node_mask(tokens_nt, positions_n))[hook]
+    return torch.cat([capture(model, tokens_nt[i : i + PASS_PROMPTS], [hook], node_mask(tokens_nt[i : i + PASS_PROMPTS], positions_n[i : i + PASS_PROMPTS]))[hook]
+                      for i in range(0, len(tokens_nt), PASS_PROMPTS)])
 
 
 def node_grads(model, task: Task, hook: str, positions_n: torch.Tensor) -> torch.Tensor:
-    """(prompts, d): the gradient of the mean metric at the node (what the gradient family selects by)."""
-    acts = capture(model, task.clean_nt, [hook], node_mask(task.clean_nt, positions_n), with_grads=True,
-                   objective=lambda logits: task.metric_n(logits).mean())
-    return acts[grad_key(hook)]
+    """(prompts, d): the gradient of the mean metric over all the prompts at the node (what the
+    gradient family selects by)."""
+    grads = []
+    for i in range(0, len(task), PASS_PROMPTS):
+        part = task.subset(slice(i, i + PASS_PROMPTS))
+        acts = capture(model, part.clean_nt, [hook], node_mask(part.clean_nt, positions_n[i : i + PASS_PROMPTS]), with_grads=True,
+                       objective=lambda logits, p=part: p.metric_n(logits).sum() / len(task))
+        grads.append(acts[grad_key(hook)])
+    return torch.cat(grads)
 
 
-def with_node(model, tokens_nt: torch.Tensor, hook: str, positions_n: torch.Tensor, value_nd: torch.Tensor) -> torch.Tensor:
-    """The logits with the node set to `value_nd` (the rest of the pass recomputed)."""
-    rows = torch.arange(len(tokens_nt))
+@torch.no_grad()
+def with_node(model, tokens_nt: torch.Tensor, hook: str, positions_n: torch.Tensor, value_nd: torch.Tensor | None) -> torch.Tensor:
+    """(prompts, 1, vocab): the last position's logits with the node set to `value_nd` (the rest
+    of the pass recomputed), or of the plain model where `value_nd` is None."""
+    last = []
+    for i in range(0, len(tokens_nt), PASS_PROMPTS):
+        tokens = tokens_nt[i : i + PASS_PROMPTS]
+        if value_nd is None:
+            last.append(model(tokens.to(model.cfg.device))[:, -1:])
+            continue
+        rows, value = torch.arange(len(tokens)), value_nd[i : i + PASS_PROMPTS]
 
-    def patch(act):
-        act = act.clone()
-        act[rows, positions_n] = value_nd.to(act).view(len(rows), *act.shape[2:])
-        return act
+        def patch(act, rows=rows, value=value, positions=positions_n[i : i + PASS_PROMPTS]):
+            act = act.clone()
+            act[rows, positions] = value.to(act).view(len(rows), *act.shape[2:])
+            return act
 
-    return patched_logits(model, tokens_nt, {hook: patch})
+        last.append(patched_logits(model, tokens, {hook: patch})[:, -1:])
+    return torch.cat(last)
 
 
 # --- dictionaries as the evaluation sees them ---------------------------------------------------
@@ -329,8 +349,7 @@ def evaluate_on_task(model, cfg: TaskEvalConfig, coders: dict[str, SparseCoder] 
     acts = node_acts(model, test.clean_nt, cfg.hook, test.roles[cfg.role])
     mean_d = fit_acts.mean(0)
     metric = lambda value: float(test.metric_n(with_node(model, test.clean_nt, cfg.hook, test.roles[cfg.role], value)).mean())  # noqa: E731
-    with torch.no_grad():
-        clean = float(test.metric_n(model(test.clean_nt)).mean())
+    clean = float(test.metric_n(with_node(model, test.clean_nt, cfg.hook, test.roles[cfg.role], None)).mean())
     base = {"clean": clean, "mean_ablated": metric(mean_d.expand_as(acts))}
     if abs(base["clean"] - base["mean_ablated"]) < 1e-6:
         raise BadInput(f"mean-ablating {cfg.hook} at {cfg.role} does not change the metric: this node is not part of the circuit")
@@ -338,9 +357,9 @@ def evaluate_on_task(model, cfg: TaskEvalConfig, coders: dict[str, SparseCoder] 
     counterfactuals = []
     for attribute in CONTROLLED:
         cf = counterfactual(test, attribute, cfg.seed)
-        with torch.no_grad():
-            cf_base = {"prompt": float(logit_diff_n(model(test.clean_nt), cf.answer_n, cf.wrong_n).mean()),
-                       "counterfactual": float(logit_diff_n(model(cf.tokens_nt), cf.answer_n, cf.wrong_n).mean())}
+        plain = {name: logit_diff_n(with_node(model, tokens, cfg.hook, test.roles[cfg.role], None), cf.answer_n, cf.wrong_n)
+                 for name, tokens in (("prompt", test.clean_nt), ("counterfactual", cf.tokens_nt))}
+        cf_base = {name: float(ld.mean()) for name, ld in plain.items()}
         counterfactuals.append((cf, node_acts(model, cf.tokens_nt, cfg.hook, test.roles[cfg.role]), cf_base))
 
     supervised = SupervisedDictionary.fit(fit_acts, fit_attributes)
@@ -349,12 +368,12 @@ def evaluate_on_task(model, cfg: TaskEvalConfig, coders: dict[str, SparseCoder] 
         fit_grads = node_grads(model, fit, cfg.hook, fit.roles[cfg.role]) if any(coder_class(a).needs_grad for a in cfg.archs) else None
         for arch in tqdm(cfg.archs, desc="training at the node", disable=not progress):
             trained[arch] = train_node_coder(arch, cfg, fit_acts, fit_grads, model_name)
-    rows = [score(model, Supervised(supervised), test, cfg.hook, test.roles[cfg.role], acts, attributes,
-                  supervised.reconstruct(fit_attributes).mean(0), base, counterfactuals)]
+    dictionaries = [(Supervised(supervised), supervised.reconstruct(fit_attributes).mean(0))]
     for name, coder in {**trained, **coders}.items():
-        recon_mean = Learned(name, coder).reconstruct(fit_acts, fit_attributes).mean(0)
-        rows.append(score(model, Learned(name, coder), test, cfg.hook, test.roles[cfg.role], acts, attributes,
-                          recon_mean, base, counterfactuals))
+        learned = Learned(name, coder)
+        dictionaries.append((learned, learned.reconstruct(fit_acts, fit_attributes).mean(0)))
+    rows = [score(model, dictionary, test, cfg.hook, test.roles[cfg.role], acts, attributes, recon_mean, base, counterfactuals)
+            for dictionary, recon_mean in tqdm(dictionaries, desc="scoring dictionaries", disable=not progress)]
     result = {"config": asdict(cfg), "task": test.name, "prompts": len(test), "fit_prompts": len(fit), "node": [cfg.hook, cfg.role],
               "baseline": base, "counterfactual_baseline": {cf.attribute: b for cf, _, b in counterfactuals},
               "attribute_values": {name: len(torch.unique(v)) for name, v in attributes.items()}, "rows": rows}
