@@ -117,6 +117,10 @@ def test_ioi_attributes_and_counterfactuals():
     assert ((io.new_n != attributes["IO"]) & (io.new_n != attributes["S"])).all()
     s = counterfactual(task, "S", seed=0)
     assert ((s.tokens_nt != task.clean_nt).sum(1) == 2).all() and (s.wrong_n == s.new_n).all() and (s.answer_n == attributes["IO"]).all()
+    order = counterfactual(task, "order", seed=0)
+    assert (ioi_attributes(Task("ioi", order.tokens_nt, task.corrupt_nt, task.answers_na, task.wrong_na,
+                                roles={**task.roles, "IO": task.roles["S1"], "S1": task.roles["IO"]}))["IO"] == attributes["IO"]).all()
+    assert (order.new_n == 1 - attributes["order"]).all() and (order.answer_n == attributes["S"]).all()
 
 
 def by_hand_logits(model, tokens, positions, value_nd):
@@ -204,7 +208,7 @@ class Exact:
 
 
 def test_a_perfect_dictionary_is_sufficient_necessary_and_controls_fully():
-    model = load_model(TINY_MODEL)
+    model = planted_model()
     task = byte_ioi()
     end = task.roles["END"]
     acts = node_acts(model, task.clean_nt, HOOK, end)
@@ -213,17 +217,19 @@ def test_a_perfect_dictionary_is_sufficient_necessary_and_controls_fully():
     mean = acts.mean(0)
     base = {"clean": clean, "mean_ablated": float(task.metric_n(with_node(model, task.clean_nt, HOOK, end, mean.expand_as(acts))).mean())}
     cf = counterfactual(task, "IO", seed=0)
-    with torch.no_grad():
-        cf_base = {"prompt": float(logit_diff_n(model(task.clean_nt), cf.answer_n, cf.wrong_n).mean()),
-                   "counterfactual": float(logit_diff_n(model(cf.tokens_nt), cf.answer_n, cf.wrong_n).mean())}
-    # other paths carry the name to the answer too, so even the full exchange closes only part of
-    # the gap; that part measured through a plain forward hook:
     cf_acts = node_acts(model, cf.tokens_nt, HOOK, end)
-    moved = float(logit_diff_n(by_hand_logits(model, task.clean_nt, end, cf_acts), cf.answer_n, cf.wrong_n).mean())
+    # the target, the node patched from the counterfactual, through a plain forward hook
+    with torch.no_grad():
+        prompt = float(logit_diff_n(model(task.clean_nt), cf.answer_n, cf.wrong_n).mean())
+    patched = float(logit_diff_n(by_hand_logits(model, task.clean_nt, end, cf_acts), cf.answer_n, cf.wrong_n).mean())
+    assert patched - prompt > 0.5
+    cf_base = {"prompt": prompt, "patched": patched}
     row = score(model, Exact(), task, HOOK, end, acts, ioi_attributes(task), mean, base, [(cf, cf_acts, cf_base)])
     assert row["sufficiency"] == pytest.approx(1.0) and row["necessity"] == pytest.approx(1.0, abs=1e-5)
-    assert row["control"]["IO"][1] == pytest.approx((moved - cf_base["prompt"]) / (cf_base["counterfactual"] - cf_base["prompt"]), abs=1e-5)
-    assert row["fvu"] == 0.0
+    assert row["control"]["IO"][1] == pytest.approx(1.0, abs=1e-5) and row["fvu"] == 0.0
+    # a patch that moves nothing leaves control undefined, not a ratio of noise
+    row = score(model, Exact(), task, HOOK, end, acts, ioi_attributes(task), mean, base, [(cf, cf_acts, {"prompt": prompt, "patched": prompt + 0.01})])
+    assert row["control"]["IO"][1] is None
 
 
 def test_evaluation_scores_the_supervised_dictionary_and_each_family(monkeypatch):
@@ -237,7 +243,9 @@ def test_evaluation_scores_the_supervised_dictionary_and_each_family(monkeypatch
     supervised = result["rows"][0]
     # the supervised features are the attribute values themselves: perfect detectors, one per value
     assert all(v["best_f1"] == 1.0 for v in supervised["interpretability"].values())
-    assert supervised["l0"] == 3.0 and set(supervised["control"]) == {"IO", "S"}
+    assert supervised["l0"] == 3.0 and set(supervised["control"]) == {"IO", "S", "order"}
+    # the planted node carries both names: exchanging the supervised IO feature moves the answer
+    assert supervised["control"]["IO"][2] > 0.5
     for row in result["rows"][1:]:
         assert row["l0"] <= 4.0 + 1e-6 and set(row["control"]["IO"]) == {1, 2, 4, 8, 16}
 

@@ -267,16 +267,18 @@ def write_heads_page(result: dict, path: str | Path) -> Path:
 
 def evaluation_table(result: dict) -> tuple[list[str], list[list]]:
     """(column names, one row per dictionary) of a task evaluation: approximation, control at two
-    features and the edit size that closes half the gap, best-detector F1 per attribute, symptoms."""
+    features and the edit size that reaches half the patch's effect (None where no edit does, or
+    where patching the node does not move the answer), best-detector F1 per attribute, symptoms."""
     attributes = list(result["attribute_values"])
     controlled = list(result["counterfactual_baseline"])
     columns = ["dictionary", "FVU", "L0", "sufficiency", "necessity"]
-    columns += [f"control {a} (2 features)" for a in controlled] + [f"{a}: features for half the gap" for a in controlled]
+    columns += [f"control {a} (2 features)" for a in controlled] + [f"{a}: features for half the patch" for a in controlled]
     columns += [f"F1 {a}" for a in attributes] + ["occluded", "over-split"]
     rows = []
     for row in result["rows"]:
         control = {a: {int(size): closed for size, closed in row["control"][a].items()} for a in controlled}
-        half = [next((size for size, closed in sorted(control[a].items()) if closed >= 0.5), None) for a in controlled]
+        half = [next((size for size, closed in sorted(control[a].items()) if closed is not None and closed >= 0.5), None)
+                for a in controlled]
         rows.append([row["name"], row["fvu"], row["l0"], row["sufficiency"], row["necessity"],
                      *[control[a].get(2) for a in controlled], *half,
                      *[row["interpretability"][a]["best_f1"] for a in attributes],
@@ -297,7 +299,7 @@ def evaluation_figure(result: dict) -> go.Figure:
     better everywhere but FVU and the edit size), each column coloured on its own scale."""
     columns, rows = evaluation_table(result)
     numeric = [i for i in range(1, len(columns)) if i != 2 and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)]
-    lower_better = {1} | {i for i in numeric if columns[i].endswith("half the gap")}
+    lower_better = {1} | {i for i in numeric if columns[i].endswith("half the patch")}
     shade = []
     for r in rows:
         line = []

@@ -11,13 +11,18 @@ write). Every dictionary, supervised or learned, is scored on held-out prompts o
   fitting prompts (1: as good as the activation, 0: no better than its mean). Necessity: the
   metric with the reconstruction's part taken out and its mean put back (a - a_hat + E[a_hat]),
   (m_clean - m_without) / (m_clean - m_mean) (1: what the dictionary explains is all that matters).
-- control. For an attribute whose value decides the answer (IOI: the IO name, the S name), a
-  counterfactual prompt differs in that value alone; the node is edited by exchanging features
-  (supervised: u[A, old] out, u[A, new] in, two features; a learned coder: the `size` latents
-  whose contribution changes most between the prompt and its counterfactual, moved to the
-  counterfactual's values, the reconstruction error kept). Success is the share of the gap the
-  edit closes in the counterfactual's logit difference, (mean LD'_edit - mean LD'_prompt) /
-  (mean LD'_counterfactual - mean LD'_prompt), at each edit size.
+- control. For each attribute a counterfactual prompt differs in its value alone (IOI: another
+  IO name, another S name, or the IO and S1 tokens swapped, which flips the order), and LD' is
+  the logit difference the change should move (the new IO against S; IO against the new S; for
+  the order, S against IO: the name movers, sent to the other position, would copy S). The
+  target is the node's whole activation patched from the counterfactual, the most an edit at
+  this node can do; the node is edited instead by exchanging features (supervised: u[A, old]
+  out, u[A, new] in, two features; a learned coder: the `size` latents whose contribution
+  changes most between the prompt and its counterfactual, moved to the counterfactual's values,
+  the reconstruction error kept). Success is the share of the patch's effect the edit reaches,
+  (mean LD'_edit - mean LD'_prompt) / (mean LD'_patched - mean LD'_prompt), at each edit size;
+  it is left out (None) where the patch itself moves LD' by less than `MIN_PATCH_EFFECT`: the
+  attribute is not used at this node.
 - interpretability. Each latent, active or not, as a detector of each attribute value: its
   precision, recall and F1; an attribute's score is the mean over its values of the best F1 of
   any latent. Occlusion shows when one attribute has no detector (best F1 < 0.5) while another
@@ -49,7 +54,9 @@ from interp.train import train_in_memory
 
 EDIT_SIZES = (1, 2, 4, 8, 16)
 FAMILIES = ["topk", "batchtopk", "mutual_choice", "feature_choice", "gradient", "codebook"]
-CONTROLLED = ("IO", "S")
+CONTROLLED = ("IO", "S", "order")
+MIN_PATCH_EFFECT = 0.1
+"""Nats of LD' below which patching the node from the counterfactual counts as no effect."""
 
 
 @dataclass
@@ -110,7 +117,7 @@ class Counterfactual:
     tokens_nt: torch.Tensor
     """The prompts with the attribute's value changed."""
     answer_n: torch.Tensor
-    """The counterfactual's answer and wrong answer: LD' = logit(answer) - logit(wrong)."""
+    """LD' = logit(answer) - logit(wrong), what the change of value should raise."""
     wrong_n: torch.Tensor
     new_n: torch.Tensor
     """The attribute's new value on each prompt."""
@@ -118,14 +125,18 @@ class Counterfactual:
 
 def counterfactual(task: Task, attribute: str, seed: int) -> Counterfactual:
     """IOI prompts with the IO name (at the IO position) or the S name (at S1 and S2) replaced by
-    another name of the task, drawn with `seed`, that is neither of the prompt's."""
+    another name of the task, drawn with `seed`, that is neither of the prompt's; or with the IO
+    and S1 tokens swapped (the order flipped, the names kept)."""
     if attribute not in CONTROLLED:
         raise BadInput(f"no counterfactual is defined for attribute {attribute!r}; choose one of {', '.join(CONTROLLED)}")
     values = ioi_attributes(task)
-    names = sorted(set(values["IO"].tolist()) | set(values["S"].tolist()))
-    rng = random.Random(seed)
     tokens = task.clean_nt.clone()
     rows = torch.arange(len(task))
+    if attribute == "order":
+        tokens[rows, task.roles["IO"]], tokens[rows, task.roles["S1"]] = values["S"], values["IO"]
+        return Counterfactual(attribute, tokens, values["S"], values["IO"], 1 - values["order"])
+    names = sorted(set(values["IO"].tolist()) | set(values["S"].tolist()))
+    rng = random.Random(seed)
     new = torch.tensor([rng.choice([t for t in names if t not in (io, s)])
                         for io, s in zip(values["IO"].tolist(), values["S"].tolist())])
     if attribute == "IO":
@@ -303,7 +314,8 @@ def score(model, dictionary, task: Task, hook: str, positions_n: torch.Tensor, a
         closed = {}
         for size, edited in dictionary.edits(acts_nd, cf_acts_nd, attributes, cf).items():
             moved = float(logit_diff_n(with_node(model, task.clean_nt, hook, positions_n, edited), cf.answer_n, cf.wrong_n).mean())
-            closed[size] = (moved - cf_base["prompt"]) / (cf_base["counterfactual"] - cf_base["prompt"])
+            target = cf_base["patched"] - cf_base["prompt"]
+            closed[size] = (moved - cf_base["prompt"]) / target if abs(target) >= MIN_PATCH_EFFECT else None
         row["control"][cf.attribute] = closed
     row["interpretability"] = detectors(dictionary.active(acts_nd, attributes), attributes)
     row.update(symptoms(row["interpretability"]))
@@ -357,10 +369,11 @@ def evaluate_on_task(model, cfg: TaskEvalConfig, coders: dict[str, SparseCoder] 
     counterfactuals = []
     for attribute in CONTROLLED:
         cf = counterfactual(test, attribute, cfg.seed)
-        plain = {name: logit_diff_n(with_node(model, tokens, cfg.hook, test.roles[cfg.role], None), cf.answer_n, cf.wrong_n)
-                 for name, tokens in (("prompt", test.clean_nt), ("counterfactual", cf.tokens_nt))}
-        cf_base = {name: float(ld.mean()) for name, ld in plain.items()}
-        counterfactuals.append((cf, node_acts(model, cf.tokens_nt, cfg.hook, test.roles[cfg.role]), cf_base))
+        cf_acts = node_acts(model, cf.tokens_nt, cfg.hook, test.roles[cfg.role])
+        passes = {"prompt": (test.clean_nt, None), "patched": (test.clean_nt, cf_acts), "counterfactual": (cf.tokens_nt, None)}
+        cf_base = {name: float(logit_diff_n(with_node(model, tokens, cfg.hook, test.roles[cfg.role], value), cf.answer_n, cf.wrong_n).mean())
+                   for name, (tokens, value) in passes.items()}
+        counterfactuals.append((cf, cf_acts, cf_base))
 
     supervised = SupervisedDictionary.fit(fit_acts, fit_attributes)
     trained = {}
