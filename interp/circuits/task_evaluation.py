@@ -43,6 +43,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from tqdm.auto import tqdm
 
 from interp.circuits.supervised import SupervisedDictionary
 from interp.circuits.tasks import Task, TaskConfig, baseline, build_task, check_model_does_task
@@ -299,7 +300,9 @@ def score(model, dictionary, task: Task, hook: str, positions_n: torch.Tensor, a
           attributes: dict, recon_mean_d: torch.Tensor, base: dict,
           counterfactuals: list[tuple[Counterfactual, torch.Tensor, dict]]) -> dict:
     """One dictionary's row: approximation, control and interpretability on the held-out prompts."""
-    metric = lambda value: float(task.metric_n(with_node(model, task.clean_nt, hook, positions_n, value)).mean())  # noqa: E731
+    def metric(value_nd):
+        return float(task.metric_n(with_node(model, task.clean_nt, hook, positions_n, value_nd)).mean())
+
     recon_nd = dictionary.reconstruct(acts_nd, attributes)
     gap = base["clean"] - base["mean_ablated"]
     row = {
@@ -311,11 +314,14 @@ def score(model, dictionary, task: Task, hook: str, positions_n: torch.Tensor, a
         "control": {},
     }
     for cf, cf_acts_nd, cf_base in counterfactuals:
+        target = cf_base["patched"] - cf_base["prompt"]
         closed = {}
         for size, edited in dictionary.edits(acts_nd, cf_acts_nd, attributes, cf).items():
+            if abs(target) < MIN_PATCH_EFFECT:
+                closed[size] = None
+                continue
             moved = float(logit_diff_n(with_node(model, task.clean_nt, hook, positions_n, edited), cf.answer_n, cf.wrong_n).mean())
-            target = cf_base["patched"] - cf_base["prompt"]
-            closed[size] = (moved - cf_base["prompt"]) / target if abs(target) >= MIN_PATCH_EFFECT else None
+            closed[size] = (moved - cf_base["prompt"]) / target
         row["control"][cf.attribute] = closed
     row["interpretability"] = detectors(dictionary.active(acts_nd, attributes), attributes)
     row.update(symptoms(row["interpretability"]))
@@ -338,8 +344,6 @@ def evaluate_on_task(model, cfg: TaskEvalConfig, coders: dict[str, SparseCoder] 
     """The evaluation's result (evaluation.json's content) for the supervised dictionary, each
     family of `cfg.archs` trained at the node, and each given coder (name -> coder, reading
     `cfg.hook`); and the coders it trained (recording `model_name` as their model)."""
-    from tqdm.auto import tqdm
-
     coders = dict(coders or {})
     if not cfg.hook:
         hooks = {c.cfg.hook for c in coders.values()}
@@ -357,21 +361,20 @@ def evaluate_on_task(model, cfg: TaskEvalConfig, coders: dict[str, SparseCoder] 
     attributes, fit_attributes = attributes_of(test), attributes_of(fit)
     check_model_does_task(baseline(model, test), test, cfg.min_accuracy)
 
+    positions = test.roles[cfg.role]
     fit_acts = node_acts(model, fit.clean_nt, cfg.hook, fit.roles[cfg.role])
-    acts = node_acts(model, test.clean_nt, cfg.hook, test.roles[cfg.role])
-    mean_d = fit_acts.mean(0)
-    metric = lambda value: float(test.metric_n(with_node(model, test.clean_nt, cfg.hook, test.roles[cfg.role], value)).mean())  # noqa: E731
-    clean = float(test.metric_n(with_node(model, test.clean_nt, cfg.hook, test.roles[cfg.role], None)).mean())
-    base = {"clean": clean, "mean_ablated": metric(mean_d.expand_as(acts))}
+    acts = node_acts(model, test.clean_nt, cfg.hook, positions)
+    base = {name: float(test.metric_n(with_node(model, test.clean_nt, cfg.hook, positions, value)).mean())
+            for name, value in (("clean", None), ("mean_ablated", fit_acts.mean(0).expand_as(acts)))}
     if abs(base["clean"] - base["mean_ablated"]) < 1e-6:
         raise BadInput(f"mean-ablating {cfg.hook} at {cfg.role} does not change the metric: this node is not part of the circuit")
 
     counterfactuals = []
     for attribute in CONTROLLED:
         cf = counterfactual(test, attribute, cfg.seed)
-        cf_acts = node_acts(model, cf.tokens_nt, cfg.hook, test.roles[cfg.role])
+        cf_acts = node_acts(model, cf.tokens_nt, cfg.hook, positions)
         passes = {"prompt": (test.clean_nt, None), "patched": (test.clean_nt, cf_acts), "counterfactual": (cf.tokens_nt, None)}
-        cf_base = {name: float(logit_diff_n(with_node(model, tokens, cfg.hook, test.roles[cfg.role], value), cf.answer_n, cf.wrong_n).mean())
+        cf_base = {name: float(logit_diff_n(with_node(model, tokens, cfg.hook, positions, value), cf.answer_n, cf.wrong_n).mean())
                    for name, (tokens, value) in passes.items()}
         counterfactuals.append((cf, cf_acts, cf_base))
 
@@ -385,7 +388,7 @@ def evaluate_on_task(model, cfg: TaskEvalConfig, coders: dict[str, SparseCoder] 
     for name, coder in {**trained, **coders}.items():
         learned = Learned(name, coder)
         dictionaries.append((learned, learned.reconstruct(fit_acts, fit_attributes).mean(0)))
-    rows = [score(model, dictionary, test, cfg.hook, test.roles[cfg.role], acts, attributes, recon_mean, base, counterfactuals)
+    rows = [score(model, dictionary, test, cfg.hook, positions, acts, attributes, recon_mean, base, counterfactuals)
             for dictionary, recon_mean in tqdm(dictionaries, desc="scoring dictionaries", disable=not progress)]
     result = {"config": asdict(cfg), "task": test.name, "prompts": len(test), "fit_prompts": len(fit), "node": [cfg.hook, cfg.role],
               "baseline": base, "counterfactual_baseline": {cf.attribute: b for cf, _, b in counterfactuals},
