@@ -55,8 +55,7 @@ def main() -> None:
     base = baseline(model, task)
     print(f"{task.name}: {len(task)} prompts, metric clean {base.mean_clean:.3f}, corrupt {base.mean_corrupt:.3f}; "
           f"{model.cfg.n_heads} query heads sharing {heads_of(model, 'k')} key/value heads per layer")
-    clean = {kind: head_acts(model, task.clean_nt, kind) for kind in KINDS}
-    corrupt = {kind: head_acts(model, task.corrupt_nt, kind) for kind in KINDS}
+    clean, corrupt = head_acts(model, task.clean_nt, KINDS), head_acts(model, task.corrupt_nt, KINDS)
     start = time.perf_counter()
     estimates = attribution_effects(model, task, clean, corrupt)
     attribution_seconds = time.perf_counter() - start

@@ -141,7 +141,7 @@ def test_key_value_heads_attribution_matches_exact_patching(kind):
     the gradient at hook_k/hook_v sums both paths; to first order the two agree."""
     model = twin_model(eps=3e-2)
     task = task_of(model, *prompts(seed=2))
-    clean_acts, corrupt_acts = head_acts(model, task.clean_nt, kind), head_acts(model, task.corrupt_nt, kind)
+    clean_acts, corrupt_acts = head_acts(model, task.clean_nt, (kind,))[kind], head_acts(model, task.corrupt_nt, (kind,))[kind]
     assert clean_acts.shape[3] == 2
     exact = patching_effects(model, task, baseline(model, task).mean_clean, corrupt_acts, kind=kind)
     estimate = attribution_effects(model, task, {kind: clean_acts}, {kind: corrupt_acts})[kind]

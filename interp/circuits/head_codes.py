@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.circuits.head_effects import (
+    KINDS,
     attribution_effects,
     edge_attribution_effects,
     head_acts,
@@ -203,7 +204,9 @@ def find_heads(model, cfg: HeadsConfig, task: Task | None = None, progress: bool
     seconds = {}
 
     start = time.perf_counter()
-    z_clean, z_corrupt = head_acts(model, task.clean_nt), head_acts(model, task.corrupt_nt)
+    # every kind in the pass the codes need: attribution patching reads the key and value heads too
+    clean_acts, corrupt_acts = head_acts(model, task.clean_nt, KINDS), head_acts(model, task.corrupt_nt, KINDS)
+    z_clean, z_corrupt = clean_acts["z"], corrupt_acts["z"]
     positive, negative = head_vectors(model, z_clean, cfg.space), head_vectors(model, z_corrupt, cfg.space)
     drawn = torch.randperm(2 * len(task), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_prompts]
     both = torch.cat([positive, negative])
@@ -213,8 +216,6 @@ def find_heads(model, cfg: HeadsConfig, task: Task | None = None, progress: bool
     seconds["codes"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    clean_acts = {"z": z_clean, **{kind: head_acts(model, task.clean_nt, kind) for kind in ("k", "v")}}
-    corrupt_acts = {"z": z_corrupt, **{kind: head_acts(model, task.corrupt_nt, kind) for kind in ("k", "v")}}
     attribution = attribution_effects(model, task, clean_acts, corrupt_acts)
     seconds["attribution"] = time.perf_counter() - start
 

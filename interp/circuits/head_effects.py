@@ -51,16 +51,17 @@ def heads_of(model, kind: str) -> int:
     return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
 
 
-def head_acts(model, tokens_nt: torch.Tensor, kind: str = "z") -> torch.Tensor:
-    """(layers, prompts, positions, heads, d_head): every head's activation of this kind."""
+def head_acts(model, tokens_nt: torch.Tensor, kinds: tuple[str, ...] = ("z",)) -> dict[str, torch.Tensor]:
+    """{kind: (layers, prompts, positions, heads, d_head)}: every head's activation of each kind,
+    from one forward pass."""
     n, length = tokens_nt.shape
-    hooks = [head_hook(layer, kind) for layer in range(model.cfg.n_layers)]
-    acts = capture(model, tokens_nt, hooks)
-    return torch.stack([acts[hook].view(n, length, heads_of(model, kind), -1) for hook in hooks])
+    hooks = {kind: [head_hook(layer, kind) for layer in range(model.cfg.n_layers)] for kind in kinds}
+    acts = capture(model, tokens_nt, [hook for kind in kinds for hook in hooks[kind]])
+    return {kind: torch.stack([acts[hook].view(n, length, heads_of(model, kind), -1) for hook in hooks[kind]]) for kind in kinds}
 
 
 def head_z(model, tokens_nt: torch.Tensor) -> torch.Tensor:
-    return head_acts(model, tokens_nt, "z")
+    return head_acts(model, tokens_nt)["z"]
 
 
 def _replace_head(head: int, value_nthd: torch.Tensor):
