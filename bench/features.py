@@ -5,7 +5,9 @@ least 0.8. The pass is `interp.features.stream_features` as `interp features` ru
 encode, top contexts, samples, histograms, checkpoints); its fixed costs (the logit lens, once per
 coder, and the token strings) are printed apart. Untrained coders (the encoder starts as the
 decoder's transpose) fire spread over all latents, which is the bookkeeping's hard case; pass
---run to time trained coders instead.
+--run to time trained coders instead. The selection's precision is the pass's default (`auto`:
+the faster of bfloat16 and float32 here), and the dense encoder product alone is timed too: the
+ratio no exact encode can pass on this machine.
 
     python bench/features.py [--tokens 100000] [--latents 4608 32768] [--run RUN_DIR ...]
 
@@ -32,6 +34,7 @@ from interp.features import (
     coder_info,
     load_features,
     logit_lens,
+    selection_dtype,
     stream_features,
     token_strings,
 )
@@ -77,8 +80,18 @@ def bench_coder(model, data: DataConfig, coder, tokens: int) -> None:
         state, pass_s = timed(lambda: stream_features(model, coder, cfg, progress=False, checkpoint=Path(scratch) / "partial.safetensors"))
         (lens, lens_s), (vocab, vocab_s) = timed(lambda: logit_lens(model, coder, cfg.logit_tokens)), timed(lambda: token_strings(model))
         F, P = done / forward_s, state.tokens / pass_s
+        dtype = selection_dtype(cfg.selection, coder.W_enc.device)
         print(f"{coder.arch} {coder.cfg.n_latents:>6} latents: stopped forward {F:7.0f} tok/s, feature pass {P:7.0f} tok/s, "
               f"ratio {P / F:.2f}; fixed costs: logit lens {lens_s:.1f} s, token strings {vocab_s:.1f} s")
+        # The one product no exact TopK encode avoids: the ratio the pass could reach if nothing
+        # else (selection, bookkeeping) cost anything.
+        with torch.no_grad():
+            x = coder.encoder_input(coder.normalized_input(capture(model, first.tokens_bt, [hook], first.mask_bt)[hook]))
+            coder.preacts(x, dtype)
+            _, product_s = timed(lambda: [coder.preacts(x, dtype) for _ in range(3)])
+        product_per_token = product_s / 3 / len(x)
+        print(f"  selection in {str(dtype).removeprefix('torch.')}: the dense encoder product alone {len(x) / (product_s / 3):7.0f} tok/s, "
+              f"bounding the ratio at {1 / (1 + F * product_per_token):.2f}")
         # What `interp serve` answers from these results: the index once, each feature on demand.
         FeatureResults(cfg, coder_info(coder), state.tokens, vocab, state.tensors() | (lens or {})).save(scratch)
         served = load_features(scratch, on_demand=True)

@@ -17,7 +17,9 @@ including the string of every token) and reload without the model.
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -56,18 +58,20 @@ class FeatureConfig:
     """Top and bottom logit-lens tokens kept per feature."""
     seed: int = 0
     """Seed of the random sample of firings."""
-    selection: str = "bfloat16"
-    """Precision of the dense encoder product that chooses each token's latents: bfloat16 (about 4x
-    faster on CPUs with bf16 instructions; activations are still computed exactly, and TopK's choice
-    is float32's (`TopKSAE.select_rounded`), but for threshold families a latent within rounding of
-    the cut may be chosen in place of another) or float32 (`coder.encode`'s choice exactly)."""
+    selection: str = "auto"
+    """Precision of the dense encoder product that chooses each token's latents: bfloat16 (several
+    times faster on GPUs and on CPUs with bf16 instructions, several times slower on CPUs without
+    them; activations are still computed exactly, and TopK's choice is float32's
+    (`TopKSAE.select_rounded`), but for threshold families a latent within rounding of the cut may
+    be chosen in place of another), float32 (`coder.encode`'s choice exactly), or auto: whichever
+    of the two computes the product faster on the coder's device (`selection_dtype`)."""
     checkpoint_every: int = 100_000
     """Tokens between checkpoints of the pass: a killed pass started again resumes from the last."""
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self):
-        if self.selection not in ("bfloat16", "float32"):
-            raise BadInput(f"selection must be 'bfloat16' or 'float32', not {self.selection!r}")
+        if self.selection not in ("auto", "bfloat16", "float32"):
+            raise BadInput(f"selection must be 'auto', 'bfloat16' or 'float32', not {self.selection!r}")
         for name in ("tokens", "top_k", "samples", "logit_tokens", "checkpoint_every"):
             check_positive(name, getattr(self, name))
         for name in ("left", "right"):
@@ -394,6 +398,30 @@ def coder_info(coder: SparseCoder) -> dict:
     }
 
 
+def selection_dtype(selection: str, device: torch.device) -> torch.dtype:
+    """The dtype of the selecting product for `FeatureConfig.selection` on `device`."""
+    if selection != "auto":
+        return getattr(torch, selection)
+    return torch.bfloat16 if device.type == "cuda" else _faster_cpu_dtype()
+
+
+@functools.cache
+def _faster_cpu_dtype() -> torch.dtype:
+    """bfloat16 or float32, whichever multiplies an encoder-shaped product (128 tokens x 576 by
+    2,048 latents) faster on this CPU, timed once per process: whether bf16 runs natively (AVX-512
+    BF16, AMX) or is emulated is the CPU's, and flags name it less reliably than a timing."""
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(128, 576, dtype=dtype), torch.randn(2048, 576, dtype=dtype)
+        out = torch.empty(128, 2048, dtype=dtype)
+        torch.mm(x, w.t(), out=out)
+        start = time.perf_counter()
+        for _ in range(2):
+            torch.mm(x, w.t(), out=out)
+        seconds[dtype] = time.perf_counter() - start
+    return min(seconds, key=seconds.get)
+
+
 @torch.no_grad()
 def stream_features(model, coder: SparseCoder, cfg: FeatureConfig, progress: bool = True,
                     checkpoint: str | Path | None = None) -> FeaturePass:
@@ -412,8 +440,8 @@ def stream_features(model, coder: SparseCoder, cfg: FeatureConfig, progress: boo
         with safe_open(checkpoint, "pt") as f:
             if f.metadata().get("identity") == identity:
                 state.load({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (a safetensors file, not a dict)
-    select_dtype = getattr(torch, cfg.selection)
     device = coder.W_dec.device
+    select_dtype = selection_dtype(cfg.selection, device)
     bar = tqdm(total=cfg.tokens, initial=state.tokens, desc="features", unit="tok", disable=not progress)
     last_saved = state.tokens
     for index, batch in enumerate(cfg.data.batches(model.tokenizer, "train")):

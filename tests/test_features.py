@@ -10,8 +10,10 @@ from interp.cli.main import app
 from plotly.offline import get_plotlyjs
 from typer.testing import CliRunner
 
+from interp import features
 from interp.dashboard import parse_features, write_dashboard
 from interp.data import DataConfig, iter_texts, iter_token_batches
+from interp.errors import BadInput
 from interp.features import (
     FeatureConfig,
     collect_features,
@@ -221,8 +223,6 @@ def test_killed_pass_resumes_where_it_stopped(tmp_path, tiny_model, monkeypatch)
     import sys
     import time
 
-    from interp import features
-
     coder = tiny_coder()
     run = coder.save(tmp_path / "run")
     checkpoint, tokens = tmp_path / "partial.safetensors", 30_000
@@ -274,6 +274,30 @@ def test_bfloat16_selection_chooses_what_float32_does(tiny_model):
         coder.b_enc[:100] += torch.arange(100.0)  # ties far below bf16 resolution at 1e6
         exact, fast = coder.encode(x), coder.encode(x, select_dtype=torch.bfloat16)
     assert torch.equal(exact.indices_bk.sort(1).values, fast.indices_bk.sort(1).values)
+
+
+def test_auto_selection_takes_the_faster_product(monkeypatch):
+    """`auto` picks whichever dtype's timed product took less time: a fake clock charges each
+    product 1 unit, or 10 in the dtype made slow, so the choice is known whatever this CPU is.
+    Named precisions and CUDA need no timing; bad names are refused."""
+    for slow, faster in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        clock, made = [0.0], []
+
+        def mm(x, w, out, slow=slow, clock=clock, made=made):
+            clock[0] += 10.0 if x.dtype == slow else 1.0
+            made.append(x.dtype)
+            return out
+
+        monkeypatch.setattr(features.time, "perf_counter", lambda clock=clock: clock[0])
+        monkeypatch.setattr(features.torch, "mm", mm)
+        features._faster_cpu_dtype.cache_clear()
+        assert features.selection_dtype("auto", torch.device("cpu")) == faster
+        assert set(made) == {torch.float32, torch.bfloat16}
+    features._faster_cpu_dtype.cache_clear()
+    assert features.selection_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert features.selection_dtype("float32", torch.device("cuda")) == torch.float32
+    with pytest.raises(BadInput, match="'auto', 'bfloat16' or 'float32', not 'half'"):
+        FeatureConfig(selection="half")
 
 
 def test_cli_dashboard_subset(tmp_path):
