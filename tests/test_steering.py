@@ -246,12 +246,13 @@ def steering_coder(tmp_path_factory):
     return load_sae(small_smollm2_run(tmp_path_factory.getbasetemp(), tokens=65_536, name="smollm2-l6-64k"))
 
 
-# Strength = this times the feature's mean nonzero activation on held-out text. The smallest of
-# 2, 4, 8, 16 that works: at 2 and 4 no feature tried (about 25, on coders trained on 16k, 64k
-# and 256k tokens) changed the generated text measurably, at 8 the chosen feature's effect is
-# about 3 standard errors, at 16 about 10. At layer 6 a feature typically adds a tenth of the
-# residual's norm; the effect begins where the addition reaches the residual's own norm.
-STEER_FACTOR = 16.0
+# Strength = this times the feature's mean nonzero activation on held-out text. At 2 and 4 no
+# feature tried (about 25, on coders trained on 16k, 64k and 256k tokens) moved the re-read text
+# beyond the bar below with 4 samples a prompt; with 16 samples a prompt, 4 reached a Welch t of
+# 3.7 and 8 reaches about 16 (`samples` below). At layer 6 a feature typically adds a tenth of the
+# residual's norm; the effect begins where the addition nears the residual's own norm.
+STEER_FACTOR = 8.0
+STEER_SAMPLES = 16
 PROMPTS = ["The", "My favourite thing to do on the weekend is", "Here is a short story about a dog who lived in a small town:"]
 
 
@@ -317,7 +318,7 @@ def reread(model, coder, feature, prompt, continuations, lens_ids):
 
 @pytest.mark.slow
 def test_steering_raises_the_feature_when_the_plain_model_rereads_the_text(smollm2, steering_coder):
-    """Steer generation (positions "new", three prompts of different lengths in one batch, four
+    """Steer generation (positions "new", three prompts of different lengths in one batch, sixteen
     seeds each) and let the unsteered model read the text: the feature fires on the steered text
     far more than on the baseline drawn with the same seeds.
 
@@ -333,7 +334,7 @@ def test_steering_raises_the_feature_when_the_plain_model_rereads_the_text(smoll
     feature = int(candidates[gain.argmax()])
     strength = STEER_FACTOR * float(typical_n[feature])
     lens_ids = logit_lens(model, coder, n_tokens=10)["lens_top_ids_nt"][feature]
-    cfg = GenerateConfig(max_new_tokens=16, samples=4, seed=0, positions="new", stop_at_eos=False)
+    cfg = GenerateConfig(max_new_tokens=16, samples=STEER_SAMPLES, seed=0, positions="new", stop_at_eos=False)
     pairs = compare_generations(model, PROMPTS, [add_feature(coder, feature, strength)], cfg)
     sides = {}
     for side in ("baseline", "steered"):
@@ -347,7 +348,7 @@ def test_steering_raises_the_feature_when_the_plain_model_rereads_the_text(smoll
         print(f"  {name}: baseline {b.mean():.4f} ± {b.std():.4f} (max {b.max():.4f}), steered {s.mean():.4f} ± {s.std():.4f} (min {s.min():.4f})")
     print("  e.g.", repr(pairs[1].baseline[0]), "->", repr(pairs[1].steered[0]))
     # Beyond seed noise: the steered mean exceeds the baseline mean by more than five standard
-    # errors of the difference over the 12 samples a side (Welch's t > 5; p < 1e-3 if steering
+    # errors of the difference over the 48 samples a side (Welch's t > 5; p < 1e-3 if steering
     # did nothing).
     stderr = (base_act.var() / len(base_act) + steered_act.var() / len(steered_act)).sqrt()
     assert steered_act.mean() - base_act.mean() > 5 * stderr, (base_act, steered_act)
