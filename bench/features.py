@@ -65,7 +65,9 @@ def bench_coder(model, data: DataConfig, coder, tokens: int) -> None:
     cfg = FeatureConfig(tokens=tokens, data=data)
     batches = data.batches(model.tokenizer, "train")
     first = next(batches)
-    capture(model, first.tokens_bt, [hook], first.mask_bt)
+    # One batch's activations, once: the warm-up, and the input of the product's timing and of the
+    # bfloat16 check below.
+    first_x = capture(model, first.tokens_bt, [hook], first.mask_bt)[hook]
 
     def forward():
         done = 0
@@ -86,7 +88,7 @@ def bench_coder(model, data: DataConfig, coder, tokens: int) -> None:
         # The one product no exact TopK encode avoids: the ratio the pass could reach if nothing
         # else (selection, bookkeeping) cost anything.
         with torch.no_grad():
-            x = coder.encoder_input(coder.normalized_input(capture(model, first.tokens_bt, [hook], first.mask_bt)[hook]))
+            x = coder.encoder_input(coder.normalized_input(first_x))
             coder.preacts(x, dtype)
             _, product_s = timed(lambda: [coder.preacts(x, dtype) for _ in range(3)])
         product_per_token = product_s / 3 / len(x)
@@ -101,8 +103,7 @@ def bench_coder(model, data: DataConfig, coder, tokens: int) -> None:
         print(f"  served: index of {len(json.loads(index)['ids']):,} features {len(index) / 1e6:.1f} MB built in {index_s:.2f} s; "
               f"a feature page's data {pages_s / len(ids) * 1000:.0f} ms (mean of {len(ids)}, read from disk)")
     with torch.no_grad():
-        x = capture(model, first.tokens_bt, [hook], first.mask_bt)[hook]
-        exact, fast = coder.eval().encode(x), coder.encode(x, select_dtype=torch.bfloat16)
+        exact, fast = coder.eval().encode(first_x), coder.encode(first_x, select_dtype=torch.bfloat16)
     same = (exact.indices_bk.sort(1).values == fast.indices_bk.sort(1).values).all(1).float().mean()
     exact_set = {(t, int(f)) for t, row in enumerate(exact.indices_bk) for f in row if f >= 0}
     kept = sum((t, int(f)) in exact_set for t, row in enumerate(fast.indices_bk) for f in row if f >= 0) / max(len(exact_set), 1)
