@@ -218,13 +218,13 @@ def test_bad_input(tiny_model):
             pass
 
 
-def small_smollm2_run(base: Path, tokens: int = 16_384, name: str = "smollm2-l6") -> Path:
-    """A small TopK SAE on layer 6 of the embedded model, trained once per test session (the
-    notebooks use the same one, with the default tokens); the settings match the notebooks' own."""
-    run = base / name
+def small_smollm2_run(base: Path, tokens: int = 16_384, layer: int = 6) -> Path:
+    """A small TopK SAE on a layer of the embedded model (layer 6 for the notebooks, with the
+    default tokens), trained once per test session; the settings match the notebooks' own."""
+    run = base / f"smollm2-l{layer}-{tokens}"
     if not (run / "cfg.json").exists():
         cfg = RunConfig(
-            model="smollm2-135m", hooks=["blocks.6.hook_resid_post"], coder_options={"k": 16}, latents=1152,
+            model="smollm2-135m", hooks=[f"blocks.{layer}.hook_resid_post"], coder_options={"k": 16}, latents=1152,
             data=DataConfig(context_size=64), buffer_tokens=8192, eval_tokens=1008, splice_tokens=1008,
             train=TrainConfig(tokens=tokens, batch_size=1024, warmup_steps=2, eval_every=0, checkpoint_every=16),
         )
@@ -239,20 +239,18 @@ def smollm2_coder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def steering_coder(tmp_path_factory):
-    """The same SAE trained on four times the tokens (64 steps, FVU ~0.2 against ~0.7). After 16
-    steps its decoder rows are still close to their random initialisation: no feature of that
-    coder, chosen by any of the rules tried (logit lens, density, persistence, the rule below),
-    moved the plain model's reading of the generated text even at 16x its typical activation."""
-    return load_sae(small_smollm2_run(tmp_path_factory.getbasetemp(), tokens=65_536, name="smollm2-l6-64k"))
+    """The same SAE on layer 18 of 30, trained on 64k tokens (64 steps). Layer 6's coders (16k,
+    64k and 256k tokens) needed 8x a feature's typical activation to move the re-read text beyond
+    the bar below, and by 2x their steered text was already broken; at layer 18, 4x keeps it
+    mostly fluent."""
+    return load_sae(small_smollm2_run(tmp_path_factory.getbasetemp(), tokens=65_536, layer=18))
 
 
-# Strength = this times the feature's mean nonzero activation on held-out text. At 2 and 4 no
-# feature tried (about 25, on coders trained on 16k, 64k and 256k tokens) moved the re-read text
-# beyond the bar below with 4 samples a prompt; with 16 samples a prompt, 4 reached a Welch t of
-# 3.7 and 8 reaches about 16 (`samples` below). At layer 6 a feature typically adds a tenth of the
-# residual's norm; the effect begins where the addition nears the residual's own norm.
-STEER_FACTOR = 8.0
-STEER_SAMPLES = 16
+# Strength = this times the feature's mean nonzero activation on held-out text. The sweep behind
+# it (layer 18, three prompts, `samples` seeds each): the feature chosen for its re-read
+# activation reached Welch t 4.0 at 2x and 8.0 at 4x with 32 seeds; the one chosen for its lens
+# tokens, a t of 26 on their share at 4x.
+STEER_FACTOR = 4.0
 PROMPTS = ["The", "My favourite thing to do on the weekend is", "Here is a short story about a dog who lived in a small town:"]
 
 
@@ -275,30 +273,36 @@ def corpus_statistics(model, coder, n_batches=16):
 
 
 @torch.no_grad()
-def self_excitation(model, coder, features, strengths, seen_v, profile_vf, per_pass=32):
-    """For each feature, how much adding it at its strength to a snippet of training text (every
-    position but BOS) raises the feature's expected activation on the next token: the model's
-    next-token distribution weighted by the feature's mean activation on each token."""
+def steering_gains(model, coder, features, strengths, seen_v, profile_vf, lens_fl, per_pass=32):
+    """For each feature, what adding it at its strength to a snippet of training text (every
+    position but BOS) does to the model's next token: how much it raises the feature's expected
+    activation there (the next-token distribution weighted by the feature's mean activation on
+    each token), and how much probability it adds to the feature's logit-lens tokens `lens_fl`."""
     probe_bt = next(DataConfig(context_size=16, model_batch=2).batches(model.tokenizer, "train")).tokens_bt
     name = model.hook_dict[coder.cfg.hook].name
     deltas_fd = torch.stack([feature_direction(coder, f) for f in features]) * strengths[:, None]
 
-    def expected_f(delta_rd, profile_vr):
+    def gains(probs_rpv, profile_vr, lens_rl):
+        excitation_r = torch.einsum("rpv,vr->r", probs_rpv[..., seen_v], profile_vr) / probs_rpv.shape[1]
+        lens_r = probs_rpv.gather(2, lens_rl[:, None].expand(-1, probs_rpv.shape[1], -1)).sum(-1).mean(1)
+        return excitation_r, lens_r
+
+    def steered(i):
+        delta_rd = deltas_fd[i : i + per_pass]
+
         def add(act, hook):
             act = act.clone()
             act[:, 1:] += delta_rd.repeat_interleave(len(probe_bt), 0)[:, None]
             return act
 
         with model.hooks(fwd_hooks=[(name, add)]):
-            probs = model(probe_bt.repeat(len(delta_rd), 1))[:, 1:].softmax(-1)[..., seen_v]
-        probs_rpv = probs.reshape(len(delta_rd), -1, len(seen_v))
-        return torch.einsum("rpv,vr->r", probs_rpv, profile_vr) / probs_rpv.shape[1]
+            probs = model(probe_bt.repeat(len(delta_rd), 1))[:, 1:].softmax(-1)
+        return gains(probs.reshape(len(delta_rd), -1, probs.shape[-1]), profile_vf[:, i : i + per_pass], lens_fl[i : i + per_pass])
 
-    steered = torch.cat([
-        expected_f(deltas_fd[i : i + per_pass], profile_vf[:, i : i + per_pass]) for i in range(0, len(features), per_pass)
-    ])
-    clean = model(probe_bt)[:, 1:].softmax(-1)[..., seen_v].reshape(-1, len(seen_v)) @ profile_vf
-    return steered - clean.mean(0)
+    excitation_f, lens_f = (torch.cat(parts) for parts in zip(*(steered(i) for i in range(0, len(features), per_pass))))
+    clean_pv = model(probe_bt)[:, 1:].softmax(-1).reshape(1, -1, model.cfg.d_vocab).expand(len(features), -1, -1)
+    clean_excitation_f, clean_lens_f = gains(clean_pv, profile_vf, lens_fl)
+    return excitation_f - clean_excitation_f, lens_f - clean_lens_f
 
 
 @torch.no_grad()
@@ -316,42 +320,53 @@ def reread(model, coder, feature, prompt, continuations, lens_ids):
     return activation, share, lens_prob
 
 
-@pytest.mark.slow
-def test_steering_raises_the_feature_when_the_plain_model_rereads_the_text(smollm2, steering_coder):
-    """Steer generation (positions "new", three prompts of different lengths in one batch, sixteen
-    seeds each) and let the unsteered model read the text: the feature fires on the steered text
-    far more than on the baseline drawn with the same seeds.
-
-    The feature: among features of density 1e-3 to 1e-1 on held-out text, the one whose direction,
-    added at the test's strength to a snippet of training text, most raises the feature's expected
-    activation on the model's next token (`self_excitation`). Its logit lens is printed but not
-    asserted: at layer 6 of 30 the lens's top tokens are rare word pieces the model never emits,
-    steered or not (0 in both here)."""
-    model, coder = smollm2, steering_coder
-    density_n, typical_n, seen_v, profile_vn = corpus_statistics(model, coder)
-    candidates = ((density_n >= 1e-3) & (density_n <= 1e-1)).nonzero()[:, 0]
-    gain = self_excitation(model, coder, candidates.tolist(), STEER_FACTOR * typical_n[candidates], seen_v, profile_vn[:, candidates])
-    feature = int(candidates[gain.argmax()])
-    strength = STEER_FACTOR * float(typical_n[feature])
-    lens_ids = logit_lens(model, coder, n_tokens=10)["lens_top_ids_nt"][feature]
-    cfg = GenerateConfig(max_new_tokens=16, samples=STEER_SAMPLES, seed=0, positions="new", stop_at_eos=False)
+def steer_and_reread(model, coder, feature, strength, lens_ids, samples):
+    """Baseline and steered generations of every prompt (one batch a side, `samples` seeds each,
+    steering at positions "new"), each re-read by the plain model: per side, (activation, lens-token
+    share, lens-token probability) per continuation, and one pair of texts to show."""
+    cfg = GenerateConfig(max_new_tokens=16, samples=samples, seed=0, positions="new", stop_at_eos=False)
     pairs = compare_generations(model, PROMPTS, [add_feature(coder, feature, strength)], cfg)
     sides = {}
     for side in ("baseline", "steered"):
         per_prompt = [reread(model, coder, feature, pair.prompt, getattr(pair, f"{side}_tokens"), lens_ids) for pair in pairs]
         sides[side] = [torch.cat(measure) for measure in zip(*per_prompt)]
-    (base_act, base_share, base_prob), (steered_act, steered_share, steered_prob) = sides["baseline"], sides["steered"]
-    print(f"\nfeature {feature}: density {float(density_n[feature]):.4f}, mean activation {float(typical_n[feature]):.2f}, "
-          f"strength {strength:.1f}; lens {[model.tokenizer.decode([i]) for i in lens_ids.tolist()]}")
-    for name, b, s in (("activation", base_act, steered_act), ("lens-token share", base_share, steered_share),
-                       ("lens-token probability", base_prob, steered_prob)):
-        print(f"  {name}: baseline {b.mean():.4f} ± {b.std():.4f} (max {b.max():.4f}), steered {s.mean():.4f} ± {s.std():.4f} (min {s.min():.4f})")
+    print(f"\nfeature {feature} at strength {strength:.2f}; lens {[model.tokenizer.decode([i]) for i in lens_ids.tolist()]}")
+    for i, name in enumerate(("activation", "lens-token share", "lens-token probability")):
+        b, s = sides["baseline"][i], sides["steered"][i]
+        print(f"  {name}: baseline {b.mean():.4f} ± {b.std():.4f}, steered {s.mean():.4f} ± {s.std():.4f}, Welch t {welch_t(b, s):.1f}")
     print("  e.g.", repr(pairs[1].baseline[0]), "->", repr(pairs[1].steered[0]))
-    # Beyond seed noise: the steered mean exceeds the baseline mean by more than five standard
-    # errors of the difference over the 48 samples a side (Welch's t > 5; p < 1e-3 if steering
-    # did nothing).
-    stderr = (base_act.var() / len(base_act) + steered_act.var() / len(steered_act)).sqrt()
-    assert steered_act.mean() - base_act.mean() > 5 * stderr, (base_act, steered_act)
+    return sides["baseline"], sides["steered"]
+
+
+def welch_t(baseline, steered):
+    """How many standard errors of the difference the steered mean lies above the baseline's."""
+    return float((steered.mean() - baseline.mean()) / (baseline.var() / len(baseline) + steered.var() / len(steered)).sqrt())
+
+
+@pytest.mark.slow
+def test_steering_moves_what_the_plain_model_reads_in_the_text(smollm2, steering_coder):
+    """Steer generation at 4x a feature's typical activation (positions "new", three prompts of
+    different lengths in one batch) and let the unsteered model read the text, against baselines
+    drawn with the same seeds. Two features, each chosen among those of density 1e-3 to 1e-1 on
+    held-out text for what its direction, added at that strength to a snippet of training text,
+    does to the model's next token (`steering_gains`):
+    - the one that most raises the feature's own expected activation: on the steered text the
+      feature fires far more (its lens tokens here are rare word pieces the model never emits);
+    - the one that most raises its logit-lens tokens' probability: those tokens make up far more
+      of the steered text.
+    "Far more" is beyond seed noise: Welch's t > 5 (p < 1e-3 if steering did nothing)."""
+    model, coder = smollm2, steering_coder
+    density_n, typical_n, seen_v, profile_vn = corpus_statistics(model, coder)
+    candidates = ((density_n >= 1e-3) & (density_n <= 1e-1)).nonzero()[:, 0]
+    lens_nl = logit_lens(model, coder, n_tokens=10)["lens_top_ids_nt"]
+    strengths = STEER_FACTOR * typical_n[candidates]
+    excitation, lens_gain = steering_gains(model, coder, candidates.tolist(), strengths, seen_v, profile_vn[:, candidates], lens_nl[candidates])
+    # The activation's effect is the smaller one (t 8 at 32 seeds in the sweep); the lens tokens'
+    # share moved by t 26 at 32 seeds, so 16 leave a wide margin.
+    for gain, measure, samples in ((excitation, 0, 32), (lens_gain, 1, 16)):
+        feature = int(candidates[gain.argmax()])
+        baseline, steered = steer_and_reread(model, coder, feature, float(strengths[gain.argmax()]), lens_nl[feature], samples)
+        assert welch_t(baseline[measure], steered[measure]) > 5, (feature, baseline[measure], steered[measure])
 
 
 @pytest.mark.slow
