@@ -239,10 +239,10 @@ def smollm2_coder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def steering_coder(tmp_path_factory):
-    """The same SAE on layer 18 of 30, trained on 64k tokens (64 steps). Layer 6's coders (16k,
-    64k and 256k tokens) needed 8x a feature's typical activation to move the re-read text beyond
-    the bar below, and by 2x their steered text was already broken; at layer 18, 4x keeps it
-    mostly fluent."""
+    """The same SAE on layer 18 of 30, trained on 64k tokens (64 steps). At layer 6 the 64k-token
+    coder needed 8x a feature's typical activation to pass the bar below with 16 seeds a prompt
+    (4x needed 64), and its steered text was broken even at 2x; at layer 18, 4x keeps it mostly
+    fluent."""
     return load_sae(small_smollm2_run(tmp_path_factory.getbasetemp(), tokens=65_536, layer=18))
 
 
@@ -323,7 +323,7 @@ def reread(model, coder, feature, prompt, continuations, lens_ids):
 def steer_and_reread(model, coder, feature, strength, lens_ids, samples):
     """Baseline and steered generations of every prompt (one batch a side, `samples` seeds each,
     steering at positions "new"), each re-read by the plain model: per side, (activation, lens-token
-    share, lens-token probability) per continuation, and one pair of texts to show."""
+    share, lens-token probability) per continuation. The figures and one pair of texts are printed."""
     cfg = GenerateConfig(max_new_tokens=16, samples=samples, seed=0, positions="new", stop_at_eos=False)
     pairs = compare_generations(model, PROMPTS, [add_feature(coder, feature, strength)], cfg)
     sides = {}
