@@ -241,7 +241,8 @@ class _OnDisk:
 class _TopSlots:
     """Per feature, the `k` firings with the largest keys so far, with their context windows.
 
-    Offered firings that beat their feature's k-th key go to a pool with their windows; the pool is
+    Firings that beat their feature's k-th key (`entrants`) go to a pool with their windows
+    (`admit`); the pool is
     merged into the slots (one sort) only when it holds as many entries as the slots do, so a
     batch costs a comparison per firing and a window per entrant, and memory stays at most twice
     the slots'. Entrants fall off quickly: after N firings of a feature only about k/N of the next
@@ -256,13 +257,16 @@ class _TopSlots:
         self._pool: list[tuple[torch.Tensor, ...]] = []
         self._pooled = 0
 
-    def offer(self, feature_e, key_e, value_e, window_fn) -> None:
-        """Consider firings e (feature, key, value); `window_fn(selected)` cuts their windows."""
-        sel = (key_e > self.keys_nk[feature_e, -1]).nonzero().squeeze(1)
-        if len(sel) == 0:
+    def entrants(self, feature_e, key_e) -> torch.Tensor:
+        """Which firings e (feature, key) beat their feature's k-th key so far: a mask."""
+        return key_e > self.keys_nk[feature_e, -1]
+
+    def admit(self, feature_e, key_e, value_e, tokens_ew, acts_ew) -> None:
+        """Pool entrants (from `entrants`) with their context windows."""
+        if len(feature_e) == 0:
             return
-        self._pool.append((feature_e[sel], key_e[sel], value_e[sel], *window_fn(sel)))
-        self._pooled += len(sel)
+        self._pool.append((feature_e, key_e, value_e, tokens_ew, acts_ew))
+        self._pooled += len(feature_e)
         if self._pooled >= self.keys_nk.numel():
             self.merge()
 
@@ -298,6 +302,31 @@ class _TopSlots:
             getattr(self, name).copy_(tensors[f"{prefix}_{name}"])
 
 
+def _windows(tokens_bt, where_c, feature_c, where_e, feature_e, value_e, left: int, right: int):
+    """The context windows (tokens, the feature's activations) of firings c, at flat positions
+    `where_c` of `tokens_bt` (sequences x positions), from all the batch's firings e: `left` tokens
+    before to `right` after, cut at the sequence's ends (token -1, activation 0 there)."""
+    n_positions, s = tokens_bt.numel(), tokens_bt.shape[1]
+    offsets_w = torch.arange(-left, right + 1)
+    pos_cw = (where_c % s)[:, None] + offsets_w
+    inside_cw = (pos_cw >= 0) & (pos_cw < s)
+    start_c = where_c - where_c % s
+    flat_cw = start_c[:, None] + pos_cw.clamp(0, s - 1)
+    tokens_cw = tokens_bt.reshape(-1)[flat_cw].masked_fill(~inside_cw, -1).to(torch.int32)
+    # Keyed by (feature, position), a feature's firings inside one window are one run of sorted
+    # keys: two binary searches find it, however wide the window.
+    lookup_e, order = (feature_e * n_positions + where_e).sort()
+    base_c = feature_c * n_positions
+    lo_c = torch.searchsorted(lookup_e, base_c + torch.maximum(start_c, where_c - left))
+    hi_c = torch.searchsorted(lookup_e, base_c + torch.minimum(start_c + s - 1, where_c + right), right=True)
+    count_c = hi_c - lo_c
+    owner_m = torch.arange(len(where_c)).repeat_interleave(count_c)
+    found_m = lo_c[owner_m] + torch.arange(len(owner_m)) - (count_c.cumsum(0) - count_c)[owner_m]
+    acts_cw = torch.zeros(len(where_c), left + 1 + right)
+    acts_cw[owner_m, lookup_e[found_m] - base_c[owner_m] - where_c[owner_m] + left] = value_e[order[found_m]]
+    return tokens_cw, acts_cw
+
+
 class FeaturePass:
     """The running state of a feature pass: `feed` it each batch's tokens and code; its state is a
     dict of tensors, so a long pass can be checkpointed and resumed where it stopped."""
@@ -317,7 +346,6 @@ class FeaturePass:
         """One batch: its tokens, which positions were encoded, and their code (tokens, k)."""
         cfg, n = self.cfg, self.n
         indices_tk, values_tk = code.indices_bk.cpu(), code.values_bk.float().cpu()
-        s = tokens_bt.shape[1]
         position_t = mask_bt.reshape(-1).nonzero().squeeze(1)  # flat (sequence, position) of each token
         on = (indices_tk >= 0) & (values_tk > 0)
         feature_e, value_e = indices_tk[on], values_tk[on]
@@ -327,26 +355,17 @@ class FeaturePass:
         n_bins = self.hist_nb.shape[1]
         bins_e = (torch.bucketize(value_e, HIST_EDGES) - 1).clamp(0, n_bins - 1)
         self.hist_nb += torch.bincount(feature_e * n_bins + bins_e, minlength=n * n_bins).reshape(n, n_bins)
-        # Every firing of the batch keyed by (position, feature), sorted: a window's activations
-        # are looked up here.
-        lookup_e, order = (where_e * n + feature_e).sort()
-        lookup_values_e = value_e[order]
-        offsets_w = torch.arange(-cfg.left, cfg.right + 1)
-        flat_tokens = tokens_bt.reshape(-1)
-
-        def window_fn(sel):
-            where, feats = where_e[sel], feature_e[sel]
-            pos_ew = (where % s)[:, None] + offsets_w
-            inside = (pos_ew >= 0) & (pos_ew < s)
-            flat_ew = (where - where % s)[:, None] + pos_ew.clamp(0, s - 1)
-            tokens_ew = flat_tokens[flat_ew].masked_fill(~inside, -1).to(torch.int32)
-            query_ew = flat_ew * n + feats[:, None]
-            slot_ew = torch.searchsorted(lookup_e, query_ew).clamp(max=len(lookup_e) - 1)
-            acts_ew = lookup_values_e[slot_ew] * ((lookup_e[slot_ew] == query_ew) & inside)
-            return tokens_ew, acts_ew
-
-        self.top.offer(feature_e, value_e, value_e, window_fn)
-        self.sample.offer(feature_e, torch.rand(len(feature_e), generator=self.generator), value_e, window_fn)
+        # Entrants to either kind of slot get their windows cut once: early in a pass, when every
+        # firing enters both, that halves the work.
+        top_e = self.top.entrants(feature_e, value_e)
+        sample_key_e = torch.rand(len(feature_e), generator=self.generator)
+        sample_e = self.sample.entrants(feature_e, sample_key_e)
+        cut_e = top_e | sample_e
+        tokens_cw, acts_cw = _windows(tokens_bt, where_e[cut_e], feature_e[cut_e], where_e, feature_e, value_e, cfg.left, cfg.right)
+        row_e = cut_e.cumsum(0) - 1
+        for slots, chosen_e, key_e in ((self.top, top_e, value_e), (self.sample, sample_e, sample_key_e)):
+            rows = row_e[chosen_e]
+            slots.admit(feature_e[chosen_e], key_e[chosen_e], value_e[chosen_e], tokens_cw[rows], acts_cw[rows])
         self.tokens += len(position_t)
         self.batches += 1
 
