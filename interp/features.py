@@ -242,11 +242,10 @@ class _TopSlots:
     """Per feature, the `k` firings with the largest keys so far, with their context windows.
 
     Firings that beat their feature's k-th key (`entrants`) go to a pool with their windows
-    (`admit`); the pool is
-    merged into the slots (one sort) only when it holds as many entries as the slots do, so a
-    batch costs a comparison per firing and a window per entrant, and memory stays at most twice
-    the slots'. Entrants fall off quickly: after N firings of a feature only about k/N of the next
-    beat its k-th.
+    (`admit`); the pool is merged into the slots (one sort) only when it holds as many entries as
+    the slots do, so a batch costs a comparison per firing and a window per entrant, and memory
+    stays at most twice the slots'. Entrants fall off quickly: after N firings of a feature only
+    about k/N of the next beat its k-th.
     """
 
     def __init__(self, n_latents: int, k: int, window: int):
