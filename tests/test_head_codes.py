@@ -225,6 +225,10 @@ def test_bad_settings_are_clear_errors():
         HeadsConfig(space="q")
     with pytest.raises(ValueError, match="train_prompts"):
         HeadsConfig(prompts=4, train_prompts=9)
+    with pytest.raises(ValueError, match="steps must be a whole number >= 1, got 0"):
+        HeadsConfig(steps=0)
+    with pytest.raises(ValueError, match="prompts must be a whole number >= 1, got 2.5"):
+        HeadsConfig(prompts=2.5)
 
 
 def test_cli_writes_heads_json_page_and_coder(tiny_model, tmp_path):

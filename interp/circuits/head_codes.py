@@ -46,7 +46,7 @@ from interp.circuits.head_effects import (
     path_patching_effects,
 )
 from interp.circuits.tasks import Task, TaskConfig, baseline, build_task, check_model_does_task
-from interp.errors import BadInput
+from interp.errors import BadInput, check_positive
 from interp.sae import create_coder
 from interp.sae.base import SparseCoder
 from interp.train import train_in_memory
@@ -81,8 +81,7 @@ class HeadsConfig(TaskConfig):
         if self.space not in SPACES:
             raise BadInput(f"unknown space {self.space!r}; choose one of {', '.join(SPACES)}")
         for name in ("train_prompts", "latents", "k", "steps", "edge_heads"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"{name} must be at least 1, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
         if self.train_prompts > 2 * self.prompts:
             raise BadInput(f"train_prompts ({self.train_prompts}) cannot exceed the {2 * self.prompts} positive and negative prompts")
         if not 0 < self.reference_share < 1:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from interp.circuits.supervised import SupervisedDictionary
 from interp.circuits.tasks import Task, TaskConfig, baseline, build_task, check_model_does_task
-from interp.errors import BadInput
+from interp.errors import BadInput, check_positive
 from interp.hooks import capture, check_coder_fits, grad_key, patched_logits
 from interp.sae import coder_class, create_coder
 from interp.sae.base import SparseCoder
@@ -90,8 +90,7 @@ class TaskEvalConfig(TaskConfig):
             if not coder_class(arch).trainable:
                 raise BadInput(f"architecture {arch!r} cannot be trained at a node; choose from {', '.join(FAMILIES)}")
         for name in ("fit_prompts", "latents", "k", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"{name} must be at least 1, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
 
 
 # --- the task's attributes and counterfactuals ----------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from interp.errors import BadInput, NotFound
+from interp.errors import BadInput, NotFound, check_positive
 
 METRICS = ("logit_diff", "prob_diff")
 
@@ -45,8 +45,7 @@ class TaskConfig:
     """Refuse a task on which fewer clean prompts than this share have a positive metric."""
 
     def __post_init__(self):
-        if self.prompts < 1:
-            raise BadInput(f"prompts must be at least 1, got {self.prompts}")
+        check_positive("prompts", self.prompts)
         if not 0 <= self.min_accuracy <= 1:
             raise BadInput(f"min_accuracy must be between 0 and 1, got {self.min_accuracy}")
 
